@@ -150,7 +150,8 @@ def import_comfy(path: Path | str | None = None):
     root = Path(path).resolve() if path is not None else comfyui_path()
     loaded = sys.modules.get("comfy")
     if loaded is not None:
-        loaded_root = Path(loaded.__file__).resolve().parents[1]
+        # comfy/ has no __init__.py in 0.3.75 (a namespace package): use its __path__.
+        loaded_root = Path(list(loaded.__path__)[0]).resolve().parent
         if loaded_root != root:
             raise ComfyHostError(
                 f"comfy is already imported from {loaded_root}, not {root}; one process can "

@@ -1,0 +1,296 @@
+"""The DNO optimisation loop: gradient ascent on the noise.
+
+Each iteration samples the image from the current noise (a graph through the
+sampler and decoder, checkpointed per step), scores it, records the best
+sample so far *per image*, reports to the caller, and takes one Adam step on
+``-reward + gamma * regulariser``. The run ends after ``steps`` updates, on
+the time budget, on the target reward, on a non-finite value, or when the
+callback raises; in every case the best result found so far is kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .errors import DNOError, StopOptimization
+from .gradients import hybrid_gradient, zeroth_order_gradient
+from .noise import DNONoise, TrainableNoise
+from .precision import autocast, check_precision, grad_scaler
+from .regularizer import ProbabilityRegularizer, RegularizerTerms
+from .sampling import Denoiser, as_sigma_list, sample, step_uses_noise
+from .schedule import VP, NoiseSchedule, get_schedule
+
+METHODS = ("auto", "autograd", "hybrid", "zeroth_order")
+
+
+@dataclass
+class DNOConfig:
+    steps: int = 20                       # optimisation updates (the run scores steps + 1 samples)
+    lr: float = 0.01
+    method: str = "auto"                  # auto: autograd if the reward is differentiable, else hybrid
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
+    max_grad_norm: Optional[float] = 1.0  # per-sample gradient-norm clipping; None = off
+    weight_decay: float = 0.0
+    time_budget: Optional[float] = None   # seconds; the run stops before exceeding it
+    target_reward: Optional[float] = None # stop once every sample reached it
+    window: Optional[int] = None          # the paper's opt_time: last K steps optimised; None = all + x_T
+    checkpoint: Union[bool, int] = True   # True: recompute every step; False: store all; n: store n steps
+    mu: float = 0.01                      # perturbation scale of the zeroth-order / hybrid estimators
+    q: int = 16                           # perturbed samples per image per step
+    estimator_batch: int = 4              # perturbed copies of the batch rendered at once
+    seed: int = 0                         # seed of the perturbations
+
+    def validate(self) -> None:
+        if int(self.steps) < 0:
+            raise DNOError(f"steps must be >= 0, got {self.steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DNOError(f"lr must be a positive number, got {self.lr}")
+        if self.method not in METHODS:
+            raise DNOError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_precision(self.precision)
+        if self.q < 1 or self.estimator_batch < 1 or not self.mu > 0:
+            raise DNOError(f"the estimator needs q >= 1, estimator_batch >= 1 and mu > 0 "
+                           f"(got q={self.q}, estimator_batch={self.estimator_batch}, mu={self.mu})")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise DNOError(f"time_budget must be positive seconds or None, got {self.time_budget}")
+
+
+@dataclass
+class StepInfo:
+    """What the callback sees after each scored sample."""
+    step: int                       # 0 = the unoptimised sample
+    total_steps: int
+    reward: torch.Tensor            # (B,) reward of this step's sample
+    best_reward: torch.Tensor       # (B,)
+    regularizer: Optional[RegularizerTerms]
+    latent: torch.Tensor            # this step's final latent (detached)
+    image: torch.Tensor             # this step's decoded image in [0, 1] (detached)
+    noise: DNONoise                 # this step's noise (detached)
+    elapsed: float
+
+
+@dataclass
+class StepRecord:
+    step: int
+    reward: List[float]
+    regularizer: Optional[List[float]]
+    probability: Optional[List[float]]
+    elapsed: float
+
+
+@dataclass
+class DNOResult:
+    latent: torch.Tensor            # best latent per sample
+    image: torch.Tensor             # its decoded image
+    noise: DNONoise                 # the noise that produced it
+    best_reward: torch.Tensor
+    initial_reward: torch.Tensor
+    best_step: torch.Tensor
+    history: List[StepRecord] = field(default_factory=list)
+    stop_reason: str = "completed"
+    rendered: int = 0               # images rendered in total (for equal-budget comparisons)
+
+
+def resolve_method(method: str, reward) -> str:
+    differentiable = getattr(reward, "differentiable", True)
+    if method == "auto":
+        return "autograd" if differentiable else "hybrid"
+    if method == "autograd" and not differentiable:
+        name = getattr(reward, "name", type(reward).__name__)
+        raise DNOError(f"reward {name!r} is not differentiable; use method='hybrid' or 'zeroth_order'")
+    return method
+
+
+def checked_reward(reward, images: torch.Tensor, prompts, batch: int) -> torch.Tensor:
+    """Call the reward and insist on one finite-typed score per image."""
+    value = reward(images, prompts)
+    name = getattr(reward, "name", type(reward).__name__)
+    if not torch.is_tensor(value):
+        raise DNOError(f"reward {name!r} returned {type(value).__name__}, expected a tensor of shape ({batch},)")
+    if value.dim() == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if tuple(value.shape) != (batch,):
+        raise DNOError(f"reward {name!r} returned shape {tuple(value.shape)}, expected ({batch},): "
+                       "one score per image")
+    return value.float()
+
+
+def tile_prompts(prompts: Optional[Sequence[str]], times: int):
+    if prompts is None or len(prompts) <= 1 or times == 1:
+        return prompts
+    return list(prompts) * times
+
+
+def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor], torch.Tensor],
+             noise: DNONoise, schedule: Union[NoiseSchedule, str] = VP, eta: float = 1.0,
+             prompts: Optional[Sequence[str]] = None, latent: Optional[torch.Tensor] = None,
+             full_denoise: bool = True, config: Optional[DNOConfig] = None,
+             regularizer: Optional[ProbabilityRegularizer] = None,
+             callback: Optional[Callable[[StepInfo], None]] = None) -> DNOResult:
+    """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc."""
+    config = config or DNOConfig()
+    config.validate()
+    schedule = get_schedule(schedule)
+    sig = as_sigma_list(sigmas)
+    n = len(sig) - 1
+    noise.validate(n, eta)
+    if latent is not None and tuple(latent.shape) != tuple(noise.x_T.shape):
+        raise DNOError(f"latent shape {tuple(latent.shape)} does not match the noise shape "
+                       f"{tuple(noise.x_T.shape)}")
+    window = n if config.window is None else int(config.window)
+    if not 1 <= window <= n:
+        raise DNOError(f"window (opt_steps) must be between 1 and the number of sampling steps ({n}), got {window}")
+    method = resolve_method(config.method, reward)
+    device = noise.x_T.device
+    batch = noise.batch_size
+
+    steps_in_window = [i for i in range(n - window, n) if noise.steps is not None
+                       and step_uses_noise(schedule, sig[i], sig[i + 1], eta)]
+    params = TrainableNoise(noise, steps_in_window, optimise_x_T=(window == n))
+    optimizer = torch.optim.AdamW(params.leaves, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(config.precision, device)
+    generator = torch.Generator(device=device).manual_seed(int(config.seed))
+
+    def render(current: DNONoise, graph: bool = False) -> tuple:
+        times = current.batch_size // batch
+        start = latent if latent is None or times == 1 else latent.repeat(times, *([1] * (latent.dim() - 1)))
+        out = sample(denoiser, current, sig, schedule, eta, start, full_denoise, window, config.checkpoint)
+        if graph and config.checkpoint is not False:
+            image = _checkpoint(decode, out, use_reentrant=False)
+        else:
+            image = decode(out)
+        return out, image
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        times = images.shape[0] // batch
+        return checked_reward(reward, images, tile_prompts(prompts, times), images.shape[0])
+
+    def render_only(current: DNONoise) -> torch.Tensor:
+        with autocast(config.precision, device):
+            return render(current)[1]
+
+    history: List[StepRecord] = []
+    best = {}
+    rendered = 0
+    stop_reason = "completed"
+    started = time.perf_counter()
+
+    def result() -> Optional[DNOResult]:
+        if not best:
+            return None
+        return DNOResult(best["latent"], best["image"], best["noise"], best["reward"], best["initial"],
+                         best["step"], history, stop_reason, rendered)
+
+    try:
+        for it in range(int(config.steps) + 1):
+            last = it == int(config.steps)
+            graph = not last and method in ("autograd", "hybrid")
+            with torch.set_grad_enabled(graph), autocast(config.precision, device):
+                current = params.assemble()
+                out, image = render(current, graph=graph)
+                value = score(image)
+            rendered += batch
+            reward_now = value.detach()
+            finite = bool(torch.isfinite(reward_now).all())
+            if not finite and it == 0:
+                raise DNOError(f"reward {getattr(reward, 'name', type(reward).__name__)!r} returned a "
+                               f"non-finite value for the unoptimised sample ({reward_now.tolist()}); "
+                               "check the reward and the model's output")
+            if not finite:
+                stop_reason = f"non-finite reward at step {it}; kept the best sample so far"
+                break
+
+            terms = None
+            if regularizer is not None:
+                with torch.set_grad_enabled(not last):
+                    terms = regularizer.terms(params.flat())
+
+            _update_best(best, it, reward_now, out.detach(), image.detach(), current.detach())
+            history.append(StepRecord(
+                it, reward_now.tolist(),
+                None if terms is None else terms.loss.detach().tolist(),
+                None if terms is None else terms.probability.detach().tolist(),
+                time.perf_counter() - started))
+            if callback is not None:
+                callback(StepInfo(it, int(config.steps), reward_now, best["reward"],
+                                  None if terms is None else terms.detach(), out.detach(),
+                                  image.detach(), current.detach(), time.perf_counter() - started))
+            if last:
+                break
+            if config.target_reward is not None and bool((best["reward"] >= config.target_reward).all()):
+                stop_reason = f"target reward {config.target_reward} reached at step {it}"
+                break
+            elapsed = time.perf_counter() - started
+            if config.time_budget is not None and elapsed * (it + 2) / (it + 1) > config.time_budget:
+                stop_reason = f"time budget of {config.time_budget}s reached after {it} updates"
+                break
+
+            optimizer.zero_grad(set_to_none=True)
+            loss = None
+            estimate = None
+            if method == "autograd":
+                loss = -value.sum()
+            elif method == "hybrid":
+                g, count = hybrid_gradient(render_only, score, params, image, reward_now, config.mu,
+                                           config.q, config.estimator_batch, generator)
+                rendered += count
+                loss = -(g.to(image.dtype) * image).sum()
+            else:
+                estimate, count = zeroth_order_gradient(render_only, score, params, reward_now, config.mu,
+                                                        config.q, config.estimator_batch, generator)
+                rendered += count
+            if terms is not None and regularizer.gamma > 0:
+                reg = regularizer.gamma * terms.loss.sum()
+                loss = reg if loss is None else loss + reg
+            if loss is not None:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+            if estimate is not None:
+                for leaf, g in zip(params.leaves, estimate):
+                    leaf.grad = -g if leaf.grad is None else leaf.grad - g
+            del loss, value, image, out, current
+            if scaler is None and not all(bool(torch.isfinite(t.grad).all())
+                                          for t in params.leaves if t.grad is not None):
+                stop_reason = f"non-finite gradient at step {it}; kept the best sample so far"
+                break
+            if config.max_grad_norm is not None:
+                norm = params.per_sample_grad_norm()
+                params.scale_grads((config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+    except StopOptimization as stop:
+        stop_reason = f"stopped by callback at step {len(history) - 1}" + (f": {stop}" if str(stop) else "")
+    except BaseException as error:
+        # Interrupts (ComfyUI's Cancel, Ctrl-C, an OOM) keep what was found.
+        error.dno_result = result()
+        if isinstance(error, DNOError) and error.result is None:
+            error.result = error.dno_result
+        raise
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return result()
+
+
+def _update_best(best: dict, step: int, reward: torch.Tensor, latent: torch.Tensor,
+                 image: torch.Tensor, noise: DNONoise) -> None:
+    if not best:
+        best.update(reward=reward.clone(), initial=reward.clone(), latent=latent.clone(),
+                    image=image.clone(), noise=noise.clone(),
+                    step=torch.zeros_like(reward, dtype=torch.long))
+        return
+    better = reward > best["reward"]
+    view = lambda t: better.view((-1,) + (1,) * (t.dim() - 1))
+    best["reward"] = torch.where(better, reward, best["reward"])
+    best["latent"] = torch.where(view(latent), latent, best["latent"])
+    best["image"] = torch.where(view(image), image, best["image"])
+    best["noise"] = noise.select(better, best["noise"])
+    best["step"] = torch.where(better, torch.full_like(best["step"], step), best["step"])

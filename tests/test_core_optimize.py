@@ -1,0 +1,189 @@
+import time
+
+import pytest
+import torch
+
+from dno import (DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, StopOptimization, TrainableNoise,
+                 VP, hybrid_gradient, optimize, sample)
+from dno.rewards.base import Reward
+from tests.toy_models import Brightness, ToyDenoiser, to_image, vp_sigmas
+
+SIG = vp_sigmas(6)
+
+
+def run(config, reward=None, seed=0, batch=2, callback=None, regularizer=None, den=None, eta=1.0):
+    den = den or ToyDenoiser("eps")
+    noise = DNONoise.from_seed((batch, 4, 8, 8), 6, seed=seed, sde=eta > 0)
+    return optimize(den, SIG, reward or Brightness(), to_image, noise, VP, eta=eta, config=config,
+                    regularizer=regularizer, callback=callback)
+
+
+def test_brightness_increases_and_best_is_returned():
+    res = run(DNOConfig(steps=15, lr=0.05))
+    assert len(res.history) == 16
+    assert (res.best_reward > res.initial_reward + 0.05).all(), (res.initial_reward, res.best_reward)
+    # the returned latent is the best one, not the last one
+    best = torch.tensor([max(h.reward[b] for h in res.history) for b in range(2)])
+    torch.testing.assert_close(res.best_reward, best)
+    torch.testing.assert_close(Brightness()(to_image(res.latent)), res.best_reward, rtol=1e-5, atol=1e-6)
+    again = sample(ToyDenoiser("eps"), res.noise, SIG, VP, 1.0)
+    torch.testing.assert_close(again, res.latent, rtol=1e-5, atol=1e-5)
+
+
+def test_ode_and_window_and_regularizer_run():
+    reg = ProbabilityRegularizer(gamma=1.0, k=1, permutations=2)
+    res = run(DNOConfig(steps=5, lr=0.05), eta=0.0, regularizer=reg)
+    assert res.best_reward.min() > res.initial_reward.min()
+    assert res.history[0].probability is not None
+    res = run(DNOConfig(steps=5, lr=0.05, window=3), regularizer=reg)
+    assert torch.equal(res.noise.x_T, DNONoise.from_seed((2, 4, 8, 8), 6, seed=0).x_T)
+    assert (res.best_reward > res.initial_reward).all()
+
+
+def test_deterministic_for_fixed_seed():
+    a = run(DNOConfig(steps=4, lr=0.05, method="hybrid", q=4))
+    b = run(DNOConfig(steps=4, lr=0.05, method="hybrid", q=4))
+    assert [h.reward for h in a.history] == [h.reward for h in b.history]
+    assert torch.equal(a.latent, b.latent)
+
+
+def test_callback_interrupt_keeps_best():
+    seen = []
+
+    def cb(info):
+        seen.append(info.reward.clone())
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as err:
+        run(DNOConfig(steps=20, lr=0.05), callback=cb)
+    res = err.value.dno_result
+    assert res is not None and len(res.history) == 4
+    torch.testing.assert_close(res.best_reward, torch.stack(seen).max(0).values)
+
+    def stop(info):
+        if info.step == 2:
+            raise StopOptimization("enough")
+
+    res = run(DNOConfig(steps=20, lr=0.05), callback=stop)
+    assert len(res.history) == 3 and "stopped by callback" in res.stop_reason
+
+
+def test_time_budget_respected():
+    class Slow(ToyDenoiser):
+        def forward(self, x, sigma):
+            time.sleep(0.01)
+            return super().forward(x, sigma)
+
+    t0 = time.perf_counter()
+    res = run(DNOConfig(steps=1000, lr=0.05, time_budget=1.0), den=Slow("eps"))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.5, elapsed
+    assert "time budget" in res.stop_reason and 2 <= len(res.history) < 1000
+
+
+def test_target_reward_stops_early():
+    first = run(DNOConfig(steps=0))
+    target = first.initial_reward.max().item() + 0.02
+    res = run(DNOConfig(steps=50, lr=0.05, target_reward=target))
+    assert "target reward" in res.stop_reason and len(res.history) < 51
+    assert (res.best_reward >= target).all()
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_hybrid_estimate_aligns_with_exact_gradient():
+    torch.manual_seed(0)
+    den = ToyDenoiser("eps")
+    sig = vp_sigmas(4)
+    noise = DNONoise.from_seed((1, 4, 4, 4), 4, seed=4, sde=False)
+    reward = Brightness()
+    params = TrainableNoise(noise, [], optimise_x_T=True)
+
+    def render(nz):
+        return to_image(sample(den, nz, sig, VP, 0.0))
+
+    image = render(params.assemble())
+    r = reward(image)
+    (exact,) = torch.autograd.grad(r.sum(), params.leaves, retain_graph=True)
+    gen = torch.Generator().manual_seed(0)
+    g_img, count = hybrid_gradient(render, reward, params, image, r.detach(), mu=0.01, q=32, chunk=8,
+                                   generator=gen)
+    assert count == 32
+    (hybrid,) = torch.autograd.grad((g_img * image).sum(), params.leaves)
+    cos = _cosine(hybrid, exact)
+    print(f"hybrid vs exact cosine at q=32: {cos:.3f}")
+    assert cos > 0.5
+
+
+class NonDiffBrightness(Reward):
+    name = "brightness (no grad)"
+    differentiable = False
+
+    def score(self, images, prompts=None):
+        return images.detach().mean(dim=(1, 2, 3))
+
+
+def test_non_differentiable_reward_uses_hybrid_and_improves():
+    res = run(DNOConfig(steps=8, lr=0.05, q=8), reward=NonDiffBrightness())
+    assert (res.best_reward > res.initial_reward + 0.02).all()
+    assert res.rendered == 2 * 9 + 8 * 2 * 8
+    with pytest.raises(DNOError, match="not differentiable"):
+        run(DNOConfig(steps=1, method="autograd"), reward=NonDiffBrightness())
+    res = run(DNOConfig(steps=8, lr=0.05, q=8, method="zeroth_order"), reward=NonDiffBrightness())
+    assert (res.best_reward > res.initial_reward).all()
+
+
+class WrongShape(Reward):
+    def score(self, images, prompts=None):
+        return images.mean()
+
+
+class NaNReward(Reward):
+    name = "nan"
+
+    def score(self, images, prompts=None):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+class NaNLater(Reward):
+    name = "nan-later"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def score(self, images, prompts=None):
+        self.calls += 1
+        r = images.mean(dim=(1, 2, 3))
+        return r * float("nan") if self.calls > 3 else r
+
+
+def test_bad_rewards_are_named():
+    with pytest.raises(DNOError, match=r"returned shape \(\), expected \(2,\)"):
+        run(DNOConfig(steps=1), reward=WrongShape())
+    with pytest.raises(DNOError, match="non-finite value"):
+        run(DNOConfig(steps=1), reward=NaNReward())
+    res = run(DNOConfig(steps=10, lr=0.05), reward=NaNLater())
+    assert "non-finite reward at step 3" in res.stop_reason
+    assert len(res.history) == 3 and torch.isfinite(res.best_reward).all()
+
+
+def test_bad_config_is_named():
+    with pytest.raises(DNOError, match="window"):
+        run(DNOConfig(steps=1, window=7))
+    with pytest.raises(DNOError, match="precision"):
+        run(DNOConfig(steps=1, precision="fp8"))
+    with pytest.raises(DNOError, match="latent shape"):
+        optimize(ToyDenoiser(), SIG, Brightness(), to_image, DNONoise.from_seed((1, 4, 8, 8), 6, 0),
+                 latent=torch.zeros(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_improves(precision):
+    res = run(DNOConfig(steps=6, lr=0.05, precision=precision))
+    assert torch.isfinite(res.best_reward).all()
+    assert (res.best_reward > res.initial_reward).all()
+    assert res.noise.x_T.dtype == torch.float32

@@ -1,0 +1,73 @@
+"""Tiny torch denoisers of the three parameterisations, for core tests.
+
+Each wraps a small random conv net in the k-diffusion convention
+``denoiser(x, sigma) -> x0`` exactly as ComfyUI's model_sampling does:
+EPS  x0 = x - sigma * net(x / sqrt(1 + sigma^2))
+V    x0 = x / (sigma^2 + 1) - net(x / sqrt(1 + sigma^2)) * sigma / sqrt(sigma^2 + 1)
+FLOW x0 = x - sigma * net(x)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dno.rewards.base import Reward
+
+
+class TinyNet(nn.Module):
+    def __init__(self, channels=4, hidden=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.c2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.emb = nn.Linear(1, hidden)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x, sigma):
+        h = self.c1(x) + self.emb(torch.log(sigma.to(x.dtype) + 1e-3)[:, None])[:, :, None, None]
+        return self.c2(torch.tanh(h))
+
+
+class ToyDenoiser(nn.Module):
+    def __init__(self, kind="eps", channels=4, seed=0):
+        super().__init__()
+        self.kind = kind
+        self.net = TinyNet(channels, seed=seed)
+        self.calls = 0
+
+    def forward(self, x, sigma):
+        self.calls += 1
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        if self.kind == "flow":
+            return x - s * self.net(x, sigma)
+        c_in = 1 / torch.sqrt(s * s + 1)
+        out = self.net(x * c_in, sigma)
+        if self.kind == "eps":
+            return x - s * out
+        return x / (s * s + 1) - out * s / torch.sqrt(s * s + 1)
+
+
+def vp_sigmas(n, sigma_max=14.6, sigma_min=0.03):
+    """Karras-free simple schedule: log-uniform sigmas then 0, like a VP model's."""
+    s = torch.exp(torch.linspace(torch.log(torch.tensor(sigma_max)), torch.log(torch.tensor(sigma_min)), n))
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def flow_sigmas(n):
+    return torch.linspace(1.0, 0.0, n + 1)
+
+
+class Brightness(Reward):
+    name = "brightness"
+
+    def score(self, images, prompts=None):
+        return images.mean(dim=(1, 2, 3))
+
+
+def to_image(latent):
+    """A fixed differentiable 'decoder': 4 latent channels -> RGB in (0, 1)."""
+    w = torch.tensor([[0.6, -0.3, 0.2, 0.1], [0.1, 0.5, -0.2, 0.3], [-0.2, 0.2, 0.6, -0.1]],
+                     dtype=latent.dtype, device=latent.device)
+    return torch.sigmoid(torch.einsum("rc,bchw->brhw", w, latent))

@@ -381,8 +381,22 @@ class ComfyServer:
         raise ComfyHostError(f"prompt {prompt_id} did not finish within {timeout:.0f}s; "
                              f"log tail:\n{self.log_tail()}")
 
-    def interrupt(self) -> None:
-        self._request("POST", "/interrupt", {})
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Interrupt the running prompt (only ``prompt_id`` if given). The host clears the
+        flag when a prompt starts, so a caller racing the start should repeat it."""
+        self._request("POST", "/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def wait_running(self, prompt_id: str, timeout: float = 30.0, poll: float = 0.1) -> None:
+        """Block until ``prompt_id`` is the one the server is executing."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            running = self.queue_state().get("queue_running", [])
+            if any(item[1] == prompt_id for item in running):
+                return
+            if prompt_id in self.history(prompt_id):
+                raise ComfyHostError(f"prompt {prompt_id} finished before it was seen running")
+            time.sleep(poll)
+        raise ComfyHostError(f"prompt {prompt_id} did not start within {timeout:.0f}s")
 
     def object_info(self, node_class: str | None = None) -> dict:
         return self._request("GET", "/object_info" + (f"/{node_class}" if node_class else ""))

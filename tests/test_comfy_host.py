@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from comfy_host import ComfyServer, import_comfy
-from tiny_checkpoints import (TINY_SD15_UNET, build_state_dict, sd15_checkpoint,
+from tiny_checkpoints import (build_state_dict, sd3_checkpoint, sd15_checkpoint,
                               sd15_unet_layout)
 
 import pytest
@@ -30,44 +32,71 @@ def test_tiny_weights_are_seeded_and_finite(comfy):
     assert all(torch.isfinite(t).all() for t in a.values())
 
 
-@pytest.mark.parametrize("vae", ["kl", "taesd"])
-def test_checkpoint_is_detected_and_samples_in_process(comfy, vae):
-    import comfy.latent_formats
-    import comfy.model_base
+# family -> (checkpoint maker, ComfyUI model config, model type, latent channels)
+FAMILIES = {
+    "sd15": (sd15_checkpoint, "SD15", "EPS", 4),
+    "sd3": (sd3_checkpoint, "SD3", "FLOW", 16),
+}
+
+
+def sample_and_decode(model, clip, vae_model, channels, seed=0):
     import comfy.sample
-    import comfy.sd
-
-    path = sd15_checkpoint(vae=vae)
-    model, clip, vae_model, _ = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=True, output_clip=True)
-
-    # Detected as SD1.5 (not a fallback BASE config), with our UNet layout and an EPS objective.
-    base = model.model
-    assert type(base.model_config).__name__ == "SD15"
-    assert base.model_type == comfy.model_base.ModelType.EPS
-    assert isinstance(base.latent_format, comfy.latent_formats.SD15)
-    assert base.model_config.unet_config["channel_mult"] == TINY_SD15_UNET["channel_mult"]
-    assert vae_model.downscale_ratio == 8
 
     cond_pos = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
     cond_neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    assert cond_pos[0][0].shape == (1, 77, 768)
     assert not torch.equal(cond_pos[0][0], cond_neg[0][0])  # the text encoder reads the prompt
-
-    latent = torch.zeros(1, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed=0)
+    latent = torch.zeros(1, channels, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed=seed)
     out = comfy.sample.sample(model, noise, 3, 5.0, "euler", "normal", cond_pos, cond_neg,
-                              latent, denoise=1.0, seed=0, disable_pbar=True)
+                              latent, denoise=1.0, seed=seed, disable_pbar=True)
     assert out.shape == latent.shape
     assert torch.isfinite(out).all()
     assert 0 < out.std() < 100
-
     image = vae_model.decode(out)
     assert image.shape == (1, 64, 64, 3)
     assert torch.isfinite(image).all()
+    return out, image
+
+
+@pytest.mark.parametrize("family,vae", [("sd15", "kl"), ("sd15", "taesd"), ("sd3", "taesd")])
+def test_checkpoint_is_detected_and_samples_in_process(comfy, family, vae):
+    import comfy.model_base
+    import comfy.sd
+
+    make, config_name, model_type, channels = FAMILIES[family]
+    path = make(vae=vae)
+    model, clip, vae_model, _ = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True)
+
+    # Detected as the intended family (not a fallback BASE config), with its objective.
+    base = model.model
+    assert type(base.model_config).__name__ == config_name
+    assert base.model_type == getattr(comfy.model_base.ModelType, model_type)
+    assert vae_model.downscale_ratio == 8 and vae_model.latent_channels == channels
+
+    _, image = sample_and_decode(model, clip, vae_model, channels)
     # Not saturated: a differentiable decode of this VAE has a usable gradient.
     inside = ((image > 0.01) & (image < 0.99)).float().mean()
     assert inside > 0.5, f"only {inside:.0%} of pixels are off the clamp"
+
+
+def test_v_prediction_by_the_hosts_model_sampling_node(comfy):
+    """No small v-prediction checkpoint is detectable (see notes); the host's own
+    ModelSamplingDiscrete node turns the tiny SD1.5 model into one, as users do."""
+    import comfy.model_base
+    import comfy.sd
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model, clip, vae_model, _ = comfy.sd.load_checkpoint_guess_config(
+        str(sd15_checkpoint(vae="taesd")), output_vae=True, output_clip=True)
+    patched = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    sampling = patched.get_model_object("model_sampling")
+    assert isinstance(sampling, comfy.model_sampling.V_PREDICTION)
+    assert not isinstance(model.get_model_object("model_sampling"),
+                          comfy.model_sampling.V_PREDICTION)  # the original is untouched
+    eps_latent, _ = sample_and_decode(model, clip, vae_model, 4)
+    v_latent, _ = sample_and_decode(patched, clip, vae_model, 4)
+    assert not torch.allclose(eps_latent, v_latent)
 
 
 def txt2img_prompt(ckpt_name: str, seed: int = 0, steps: int = 3) -> dict:
@@ -103,5 +132,20 @@ def test_server_runs_txt2img_and_stops():
         with Image.open(files[0]) as img:
             assert img.size == (64, 64)
         assert "Prompt executed" in server.log()
+
+        # Interrupt a long run: the host reports it as an error with an
+        # execution_interrupted message, and the interrupted node's outputs are discarded.
+        long_id = server.queue(txt2img_prompt(ckpt.name, seed=1, steps=10_000))
+        server.wait_running(long_id)
+        deadline = time.monotonic() + 60
+        while not server.history(long_id) and time.monotonic() < deadline:
+            server.interrupt(long_id)
+            time.sleep(0.5)
+        entry = server.wait(long_id, timeout=30)
+        assert entry["status"]["status_str"] == "error"
+        events = [name for name, _ in entry["status"]["messages"]]
+        assert "execution_interrupted" in events
+        assert server.output_files(entry) == []
+        assert "Processing interrupted" in server.log()
     assert proc.poll() is not None  # the server process is gone
     assert not server.base_dir.exists()  # and its throwaway folders too

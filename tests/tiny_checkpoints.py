@@ -38,7 +38,7 @@ import torch
 
 from comfy_host import CACHE_DIR, _file_lock, import_comfy
 
-FORMAT_VERSION = 2  # bump when the generator changes, so cached files are rebuilt
+FORMAT_VERSION = 3  # bump when the generator changes, so cached files are rebuilt
 
 # The smallest UNet that ComfyUI's detection maps to the SD15 model config.
 TINY_SD15_UNET = {
@@ -73,7 +73,28 @@ def sd15_unet_layout(unet_config: dict = TINY_SD15_UNET) -> dict:
     return {"model.diffusion_model." + k: v for k, v in _meta_shapes(unet).items()}
 
 
-def sd15_clip_layout() -> dict:
+# The smallest MMDiT that ComfyUI's detection maps to the SD3 model config: only
+# in_channels=16 is pinned; depth comes from hidden_size // 64 and the block count.
+TINY_SD3_MMDIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+    "adm_in_channels": 2048, "num_patches": 1024, "pos_embed_max_size": 32,
+    "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+    "context_embedder_config": {"target": "torch.nn.Linear",
+                                "params": {"in_features": 4096, "out_features": 128}},
+}
+
+
+def sd3_mmdit_layout(config: dict = TINY_SD3_MMDIT) -> dict:
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    mmdit = MMDiT(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    return {"model.diffusion_model." + k: v for k, v in _meta_shapes(mmdit).items()}
+
+
+def clip_l_layout(prefix: str = "cond_stage_model.transformer.") -> dict:
+    """CLIP-L text model keys; SD1.5 files use ``cond_stage_model.transformer.``, SD3 files
+    ``text_encoders.clip_l.transformer.``."""
     import_comfy()
     import comfy.clip_model
     import comfy.ops
@@ -81,23 +102,30 @@ def sd15_clip_layout() -> dict:
     clip = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta",
                                           comfy.ops.disable_weight_init)
     # SD1.5 files carry the HF text model only; ComfyUI's SD15 saver drops the projection too.
-    return {"cond_stage_model.transformer." + k: v for k, v in _meta_shapes(clip).items()
+    return {prefix + k: v for k, v in _meta_shapes(clip).items()
             if k.startswith("text_model.")}
 
 
-def sd_vae_layout(kind: str) -> dict:
+def sd_vae_layout(kind: str, latent_channels: int = 4) -> dict:
+    """SD1.x KL VAE (with quant convs, 4 channels) or, for 16 channels, the SD3 layout of
+    the same network without quant convs; or TAESD with that many latent channels."""
     import_comfy()
     if kind == "kl":
         from comfy.ldm.models.autoencoder import AutoencoderKL
         with torch.device("meta"):
-            vae = AutoencoderKL(ddconfig=SD_KL_VAE, embed_dim=4)
+            vae = AutoencoderKL(ddconfig={**SD_KL_VAE, "z_channels": latent_channels},
+                                embed_dim=latent_channels)
+        shapes = _meta_shapes(vae)
+        if latent_channels != 4:
+            shapes = {k: v for k, v in shapes.items() if "quant_conv." not in k}
     elif kind == "taesd":
         from comfy.taesd.taesd import TAESD
         with torch.device("meta"):
-            vae = TAESD(latent_channels=4)
+            vae = TAESD(latent_channels=latent_channels)
+        shapes = _meta_shapes(vae)
     else:
         raise ValueError(f"vae={kind!r} is not one of {VAE_KINDS}")
-    return {"first_stage_model." + k: v for k, v in _meta_shapes(vae).items()}
+    return {"first_stage_model." + k: v for k, v in shapes.items()}
 
 
 # --------------------------------------------------------------------------- values
@@ -115,7 +143,7 @@ def _init_tensor(key: str, shape: torch.Size, dtype: torch.dtype, seed: int,
     if len(shape) == 1:  # norm scales
         return torch.ones(shape)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    if "embedding" in key:  # token / position tables, as small as CLIP's own init
+    if "embedding" in key or name == "pos_embed":  # lookup tables, as small as CLIP's init
         return torch.randn(shape, generator=gen) * 0.02
     fan_in = int(torch.tensor(shape[1:]).prod())
     return torch.randn(shape, generator=gen) * (gain / fan_in ** 0.5)
@@ -198,9 +226,34 @@ def sd15_checkpoint(folder: Path | str | None = None, *, seed: int = 0, vae: str
 
     def build(tmp: Path) -> None:
         from safetensors.torch import save_file
-        layout = {**sd15_unet_layout(), **sd_vae_layout(vae), **sd15_clip_layout()}
+        layout = {**sd15_unet_layout(), **sd_vae_layout(vae), **clip_l_layout()}
         save_file(build_state_dict(layout, seed), str(tmp),
                   metadata={"dno_tiny_checkpoint": json.dumps(spec, default=str)})
 
     path = _cached_file(f"tiny-sd15-{vae}-s{seed}", spec, build)
+    return _place(path, folder, filename)
+
+
+def sd3_checkpoint(folder: Path | str | None = None, *, seed: int = 0, vae: str = "taesd",
+                   filename: str | None = None) -> Path:
+    """Path of a tiny SD3-family (rectified flow, ComfyUI ``ModelType.FLOW``) checkpoint.
+
+    Keys as in SD3-medium single files: a 2-block MMDiT under ``model.diffusion_model.``, the
+    VAE (16 latent channels) under ``first_stage_model.``, and only CLIP-L under
+    ``text_encoders.clip_l.`` -- ComfyUI's SD3 text encoder pads the missing CLIP-G/T5
+    outputs with zeros, so ``CLIPTextEncode`` works from this one file.
+    """
+    if vae not in VAE_KINDS:
+        raise ValueError(f"vae={vae!r} is not one of {VAE_KINDS}")
+    spec = {"family": "sd3", "mmdit": TINY_SD3_MMDIT, "vae": vae, "seed": seed,
+            "dtype": "fp16"}
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+        layout = {**sd3_mmdit_layout(), **sd_vae_layout(vae, latent_channels=16),
+                  **clip_l_layout("text_encoders.clip_l.transformer.")}
+        save_file(build_state_dict(layout, seed), str(tmp),
+                  metadata={"dno_tiny_checkpoint": json.dumps(spec, default=str)})
+
+    path = _cached_file(f"tiny-sd3-{vae}-s{seed}", spec, build)
     return _place(path, folder, filename)

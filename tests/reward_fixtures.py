@@ -131,7 +131,8 @@ class _CreatesMarker:
 
 def save_malicious_pickle(path: str, marker: str) -> str:
     with open(path, "wb") as handle:
-        pickle.dump({"layers.0.weight": _CreatesMarker(marker)}, handle)
+        # protocol 2: the classic GLOBAL/REDUCE form of a poisoned .pth
+        pickle.dump({"layers.0.weight": _CreatesMarker(marker)}, handle, protocol=2)
     return path
 
 

@@ -48,17 +48,31 @@ def _read_safetensors(path: str, expected: str) -> Dict[str, torch.Tensor]:
         ) from exc
 
 
+def _unpickling_detail(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+    detail = lines[0].split("WeightsUnpickler error:", 1)[-1].strip() if lines else ""
+    # drop torch's advice to allow-list the global: for a reward file that is the wrong fix
+    return detail.split(" Please use", 1)[0]
+
+
 def _read_pickle(path: str, expected: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only=True raises this when the pickle asks for any global that is not a plain
-        # tensor/container type: nothing from the file has been executed at this point.
+        # weights_only=True stops at the first instruction that is not plain tensor/container
+        # data, before it takes effect: nothing from the file has been executed at this point.
+        detail = _unpickling_detail(exc) or str(exc).splitlines()[-1]
+        if "Unsupported global" in str(exc):
+            raise RewardFileError(
+                f"Refused to load {_describe(path)} (expected {expected}): it is a pickle that "
+                "asks to run or build Python objects beyond plain tensors, which could execute "
+                "code. Nothing from it was executed. Use a .safetensors version of the weights, "
+                f"or a checkpoint that holds only tensors. ({detail})"
+            ) from exc
         raise RewardFileError(
-            f"Refused to load {_describe(path)} (expected {expected}): it is a pickle that asks to "
-            "run or build Python objects beyond plain tensors, which could execute code. Nothing "
-            "from it was executed. Use a .safetensors version of the weights, or a checkpoint that "
-            f"holds only tensors. Details: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            f"Could not read {_describe(path)} as a PyTorch checkpoint of plain tensors (expected "
+            f"{expected}): the file is corrupt, incomplete, or not a torch.save file. Nothing "
+            f"from it was executed. ({detail})"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise RewardFileError(

@@ -1,0 +1,118 @@
+"""Weight-free rewards, JPEG sizes and weighted combinations."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dno.rewards import BuiltinReward, JpegReward, WeightedReward, cached_load, clear_reward_cache
+from dno.rewards.cache import cached_count
+
+
+def _images(seed=0, batch=3, size=24):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_builtin_values_on_known_images():
+    grey = torch.full((1, 3, 8, 8), 0.25)
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 1.0
+    half = torch.zeros(1, 3, 8, 8)
+    half[..., 4:] = 1.0  # left black, right white
+    images = torch.cat([grey, red, half])
+    torch.testing.assert_close(BuiltinReward("brightness")(images), torch.tensor([0.25, 1 / 3, 0.5]))
+    torch.testing.assert_close(BuiltinReward("darkness")(images), -torch.tensor([0.25, 1 / 3, 0.5]))
+    torch.testing.assert_close(BuiltinReward("saturation")(images), torch.tensor([0.0, 1.0, 0.0]))
+    # channel sums: constant 0.75 / constant 1 / half 0 half 3 -> unbiased variance 9/4 * 64/63
+    torch.testing.assert_close(BuiltinReward("contrast")(images),
+                               torch.tensor([0.0, 0.0, 2.25 * 64 / 63]))
+
+
+@pytest.mark.parametrize("kind", ["brightness", "darkness", "saturation", "contrast"])
+def test_builtin_gradients_are_finite_and_non_zero(kind):
+    images = _images().requires_grad_()
+    reward = BuiltinReward(kind)
+    assert reward.differentiable
+    reward(images).sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_unknown_builtin_is_rejected():
+    with pytest.raises(ValueError, match="brightness"):
+        BuiltinReward("sharpness")
+
+
+def _pil_jpeg_kb(image_chw, quality):
+    array = (image_chw * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return len(buffer.getvalue()) / 1000.0
+
+
+@pytest.mark.parametrize("quality", [95, 50])
+def test_jpeg_rewards_are_the_jpeg_size(quality):
+    images = _images(seed=1)
+    sizes = torch.tensor([_pil_jpeg_kb(im, quality) for im in images])
+    incompress = JpegReward(quality=quality, compress=False)
+    compress = JpegReward(quality=quality, compress=True)
+    assert not incompress.differentiable and not compress.differentiable
+    torch.testing.assert_close(incompress(images), sizes)
+    torch.testing.assert_close(compress(images), -sizes)
+
+
+def test_jpeg_noise_is_bigger_than_flat():
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    noisy = _images(size=32, batch=1)
+    sizes = JpegReward(compress=False)(torch.cat([flat, noisy]))
+    assert sizes[1] > 2 * sizes[0]
+
+
+def test_jpeg_bad_quality():
+    with pytest.raises(ValueError, match="1..100"):
+        JpegReward(quality=0)
+
+
+def test_weighted_sum_and_differentiability():
+    images = _images(seed=2)
+    bright, sat, jpeg = BuiltinReward("brightness"), BuiltinReward("saturation"), JpegReward()
+    smooth = WeightedReward([(bright, 2.0), (sat, -0.5)])
+    assert smooth.differentiable
+    torch.testing.assert_close(smooth(images), 2.0 * bright(images) - 0.5 * sat(images))
+    x = images.clone().requires_grad_()
+    smooth(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+    mixed = WeightedReward([(bright, 1.0), (jpeg, 0.1)])
+    assert not mixed.differentiable  # one black-box part: hybrid estimator for the whole
+    torch.testing.assert_close(mixed(images), bright(images) + 0.1 * jpeg(images))
+    assert "brightness" in mixed.name and "jpeg" in mixed.name
+
+
+def test_weighted_sum_rejects_nothing_and_non_rewards():
+    with pytest.raises(ValueError, match="at least one"):
+        WeightedReward([])
+    with pytest.raises(TypeError, match="Reward"):
+        WeightedReward([(lambda x, p: x.mean(), 1.0)])
+
+
+def test_cache_loads_once_per_file_and_reloads_changed_files(tmp_path):
+    clear_reward_cache()
+    calls = []
+
+    def loader(path, scale=1.0):
+        calls.append(path)
+        return object()
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"a")
+    first = cached_load(loader, [str(path)], scale=2.0)
+    assert cached_load(loader, [str(path)], scale=2.0) is first
+    assert cached_load(loader, [str(path)], scale=3.0) is not first
+    path.write_bytes(b"bb")  # size changes: a replaced file is loaded again
+    assert cached_load(loader, [str(path)], scale=2.0) is not first
+    assert len(calls) == 3 and cached_count() == 3
+    clear_reward_cache()
+    assert cached_count() == 0

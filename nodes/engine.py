@@ -1,0 +1,149 @@
+"""A ComfyUI ``Sampler`` that runs DNO inside the host's guider.
+
+``guider.sample`` hands every sampler the guider itself (CFG, model patches,
+conditioning), the sigmas, the unit noise and the starting latent; this
+sampler builds the core's callables from them and returns the best latent.
+It works with ``SamplerCustomAdvanced`` and any GUIDER / SIGMAS, and is what
+the all-in-one DNO KSampler node drives as well.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+
+from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
+from .host import (HostDenoiser, clone_inference_tensors, host_step_noises, load_vae_for_grad,
+                   make_autograd_ready, schedule_for, vae_decoder)
+from .progress import RunReporter
+
+log = logging.getLogger("DNO")
+
+
+@dataclass
+class DNORunSettings:
+    reward: object
+    vae: object
+    config: DNOConfig
+    eta: float = 1.0
+    regularizer: Optional[ProbabilityRegularizer] = None
+    prompts: Optional[List[str]] = None
+    preview_every: int = 1
+    node_id: Optional[str] = None
+
+
+class OptimizedNoise:
+    """The optimised x_T as a ComfyUI ``NOISE``, reusable by other samplers.
+
+    Other samplers draw their own per-step noises, so an ODE run is reproduced
+    exactly and an SDE run starts from the same x_T.
+    """
+
+    def __init__(self, x_T: torch.Tensor, seed: int):
+        self.x_T = x_T.detach().cpu().float()
+        self.seed = seed
+
+    def generate_noise(self, input_latent):
+        latent = input_latent["samples"]
+        if tuple(latent.shape) != tuple(self.x_T.shape):
+            raise DNOError(f"the optimised noise has shape {tuple(self.x_T.shape)} but the latent is "
+                           f"{tuple(latent.shape)}; use a latent of the size DNO optimised")
+        return self.x_T.clone().to(latent.dtype)
+
+
+class DNOHostSampler(comfy.samplers.Sampler):
+    def __init__(self, settings: DNORunSettings):
+        self.settings = settings
+        self.result: Optional[DNOResult] = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        s = self.settings
+        if len(sigmas) < 2:
+            raise DNOError("DNO needs at least one sampling step (sigmas has fewer than 2 values)")
+        base_model = model_wrap.inner_model
+        schedule = schedule_for(base_model.model_sampling)
+        reporter = RunReporter(s.node_id, s.config.steps, s.preview_every)
+        result = None
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                make_autograd_ready(base_model)
+                load_vae_for_grad(s.vae)
+                clone_inference_tensors(getattr(model_wrap, "conds", {}))
+                x_T = noise.clone().float()
+                latent = latent_image.clone().float() if latent_image is not None else torch.zeros_like(x_T)
+                sig = sigmas.clone().float()
+                mask = None if denoise_mask is None else denoise_mask.clone()
+                steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
+                denoiser = HostDenoiser(model_wrap, sig, extra_args, x_T, latent, mask)
+                decode = vae_decoder(s.vae, base_model.process_latent_out)
+                self._move_reward(x_T.device)
+                result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,
+                                  eta=s.eta, prompts=s.prompts, latent=latent,
+                                  full_denoise=self.max_denoise(model_wrap, sigmas), config=s.config,
+                                  regularizer=s.regularizer, callback=reporter)
+        except DNOError as error:
+            result = error.result
+            raise DNOError(f"DNO: {error}", result) from None
+        except torch.cuda.OutOfMemoryError as error:
+            result = getattr(error, "dno_result", None)
+            raise DNOError("DNO ran out of GPU memory: lower the batch size or the resolution, use "
+                           "precision bf16/fp16, keep checkpointing on, or shorten the optimisation "
+                           "window (opt_window)", result) from None
+        finally:
+            self.result = result
+            reporter.finish(result)
+            if result is not None:
+                log.info("DNO finished: %s; reward %.4f -> %.4f", result.stop_reason,
+                         result.initial_reward.mean().item(), result.best_reward.mean().item())
+            gc.collect()
+            comfy.model_management.soft_empty_cache()
+        if callback is not None:
+            callback(len(sigmas) - 2, result.latent, result.latent, len(sigmas) - 1)
+        return result.latent.to(noise.dtype)
+
+    def _move_reward(self, device) -> None:
+        reward = self.settings.reward
+        if reward is None:
+            raise DNOError("DNO needs a reward: connect a DNO reward node")
+        prepare = getattr(reward, "prepare", None)
+        if callable(prepare):
+            prepare(device)
+        elif isinstance(reward, torch.nn.Module):
+            reward.to(device)
+
+
+def run_ksampler(model, positive, negative, latent, settings: DNORunSettings, seed: int, steps: int,
+                 cfg: float, scheduler: str, denoise: float):
+    """What ``KSampler`` does (noise from the seed, sigmas from the scheduler, CFG guider),
+    with the DNO sampler in place of the host's. Returns (latent dict, sampler)."""
+    import comfy.sample
+    if steps < 1:
+        raise DNOError(f"steps must be at least 1, got {steps}")
+    samples = latent["samples"]
+    channels = model.get_model_object("latent_format").latent_channels
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    if samples.dim() != 4 or samples.shape[1] != channels:
+        raise DNOError(f"the latent has shape {tuple(samples.shape)} but this model works on "
+                       f"{channels}-channel image latents: use a latent made for this model "
+                       "(e.g. EmptyLatentImage, or VAEEncode with this model's VAE)")
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
+                                       denoise=denoise, model_options=model.model_options)
+    sigmas = ksampler.sigmas
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    sampler = DNOHostSampler(settings)
+    out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                        seed=seed)
+    result = dict(latent)
+    result["samples"] = out.to(comfy.model_management.intermediate_device())
+    result.pop("noise_mask", None)
+    return result, sampler

@@ -1,0 +1,157 @@
+"""Plumbing between ComfyUI's objects and the host-agnostic DNO core.
+
+Nothing here is an algorithm: it turns the host's guider, model sampling,
+VAE and progress bar into the callables ``dno.optimize`` expects, and makes
+the host's weights usable by autograd without damaging the host model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+from comfy.k_diffusion.sampling import default_noise_sampler
+
+from ..dno import DNOError, DNONoise, StopOptimization
+from ..dno.schedule import FLOW, VP, NoiseSchedule
+
+
+def make_autograd_ready(module: torch.nn.Module) -> int:
+    """Replace the module's inference tensors by ordinary tensors with the same values.
+
+    ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded
+    there are inference tensors, which autograd refuses to save for backward.
+    Each one is swapped in place for a clone, one tensor at a time (peak memory
+    grows by one tensor, not by a model). The values are identical and the
+    tensors still work in inference mode, so later nodes, ModelPatcher's weight
+    backups (which hold the *original* weights of patched keys) and LoRA
+    patching behave exactly as before. Returns how many tensors were replaced.
+    """
+    replaced = 0
+    with torch.inference_mode(False):
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p.is_inference():
+                    mod._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    replaced += 1
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.is_inference():
+                    mod._buffers[name] = b.clone()
+                    replaced += 1
+    return replaced
+
+
+def clone_inference_tensors(obj: Any) -> Any:
+    """Clone inference tensors inside (nested) conditioning dicts/lists in place."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = clone_inference_tensors(v)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            obj[i] = clone_inference_tensors(v)
+    elif torch.is_tensor(obj):
+        return obj.clone() if obj.is_inference() else obj
+    elif hasattr(obj, "cond") and torch.is_tensor(getattr(obj, "cond")):
+        if obj.cond.is_inference():
+            obj.cond = obj.cond.clone()
+    return obj
+
+
+def schedule_for(model_sampling) -> NoiseSchedule:
+    """The core schedule matching the host model's parameterisation."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        base = FLOW
+    elif isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(
+            model_sampling, getattr(comfy.model_sampling, "IMG_TO_IMG", ())):
+        base = VP
+    else:
+        raise DNOError(f"DNO supports EPS, V-prediction and flow (CONST) models; this model samples "
+                       f"with {type(model_sampling).__name__}, which is not supported")
+    return HostSchedule(name=base.name, base=base, model_sampling=model_sampling)
+
+
+@dataclass(frozen=True, eq=False)
+class HostSchedule(NoiseSchedule):
+    """The core's schedule, with the first and last latent built by the host's own code."""
+    base: NoiseSchedule = VP
+    model_sampling: Any = None
+
+    def signal(self, sigma):
+        return self.base.signal(sigma)
+
+    def noise(self, sigma):
+        return self.base.noise(sigma)
+
+    def start(self, sigma, x_T, latent, full_denoise):
+        s = torch.tensor(sigma, device=x_T.device, dtype=x_T.dtype)
+        latent = torch.zeros_like(x_T) if latent is None else latent
+        return self.model_sampling.noise_scaling(s, x_T, latent, full_denoise)
+
+    def finish(self, sigma, x):
+        return self.model_sampling.inverse_noise_scaling(torch.tensor(sigma, device=x.device, dtype=x.dtype), x)
+
+
+class HostDenoiser:
+    """``denoiser(x, sigma) -> x0`` over the host guider (CFG, patches, inpainting masks).
+
+    It also checks the Cancel button between model calls, so a cancelled run
+    stops within one model evaluation instead of one optimisation step.
+    """
+
+    def __init__(self, model_wrap, sigmas, extra_args, noise, latent_image, denoise_mask):
+        self.model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        self.model_k.latent_image = latent_image
+        self.model_k.noise = noise
+        self.denoise_mask = denoise_mask
+        self.model_options = extra_args.get("model_options", {})
+        self.seed = extra_args.get("seed")
+
+    def __call__(self, x, sigma):
+        if comfy.model_management.processing_interrupted():
+            comfy.model_management.interrupt_current_processing(False)
+            raise StopOptimization("cancelled")
+        return self.model_k(x, sigma, denoise_mask=self.denoise_mask, model_options=self.model_options,
+                            seed=self.seed)
+
+
+def host_step_noises(x_T: torch.Tensor, sigmas, seed: Optional[int]) -> torch.Tensor:
+    """Per-step noises drawn exactly as ComfyUI's ancestral samplers draw them.
+
+    With these, DNO at 0 optimisation steps reproduces ``euler_ancestral`` of
+    the same seed (the host's noise sampler draws once per step that ends
+    above sigma 0, from a generator on the latent's device).
+    """
+    draw = default_noise_sampler(x_T, seed=seed)
+    values = [float(s) for s in sigmas]
+    steps = []
+    for i in range(len(values) - 1):
+        steps.append(draw(values[i], values[i + 1]) if values[i + 1] > 0 else torch.zeros_like(x_T))
+    return torch.stack(steps)
+
+
+def vae_decoder(vae, process_latent_out):
+    """Differentiable ``latent (sampler space) -> image in [0, 1], (B, 3, H, W)``.
+
+    ``comfy.sd.VAE.decode`` writes into a preallocated buffer and may fall back
+    to a tiled decode under inference mode; the gradient needs the first-stage
+    model called directly, then the VAE's own output processing.
+    """
+    if vae is None:
+        raise DNOError("DNO needs a VAE to turn latents into images for the reward: connect a VAE")
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        z = process_latent_out(latent).to(vae.device, vae.vae_dtype)
+        image = vae.process_output(vae.first_stage_model.decode(z).float())
+        if image.dim() != 4:
+            raise DNOError(f"the VAE decoded a {image.dim()}-D tensor; DNO supports image VAEs (4-D output)")
+        return image
+    return decode
+
+
+def load_vae_for_grad(vae) -> None:
+    comfy.model_management.load_models_gpu([vae.patcher])
+    make_autograd_ready(vae.first_stage_model)

@@ -1,0 +1,88 @@
+"""Progress, previews, live chart messages and Cancel for a DNO run in ComfyUI."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.utils
+
+from ..dno import StepInfo, StopOptimization
+
+log = logging.getLogger("DNO")
+
+PROGRESS_EVENT = "dno.progress"
+DONE_EVENT = "dno.done"
+
+
+def _server():
+    try:
+        from server import PromptServer
+        return PromptServer.instance
+    except Exception:  # running without the web server (scripts, tests)
+        return None
+
+
+def send(event: str, data: dict) -> None:
+    server = _server()
+    if server is not None:
+        server.send_sync(event, data, getattr(server, "client_id", None))
+
+
+def preview_image(image: torch.Tensor) -> Image.Image:
+    """First image of a (B, 3, H, W) batch in [0, 1] as PIL, for the preview channel."""
+    array = (image[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round()
+    return Image.fromarray(array.astype(np.uint8))
+
+
+class RunReporter:
+    """The per-step callback: progress bar, previews, chart messages, Cancel.
+
+    The decoded image of every step is already computed for the reward, so a
+    preview costs a JPEG encode, not a VAE decode; ``preview_every`` (0 = off)
+    limits how often it is sent.
+    """
+
+    def __init__(self, node_id: Optional[str], total_steps: int, preview_every: int = 1):
+        self.node_id = None if node_id is None else str(node_id)
+        self.total = int(total_steps) + 1
+        self.preview_every = int(preview_every)
+        self.pbar = comfy.utils.ProgressBar(self.total)
+        self.last: Optional[StepInfo] = None
+        send(PROGRESS_EVENT, {"node": self.node_id, "step": -1, "steps": int(total_steps), "reset": True})
+
+    def __call__(self, info: StepInfo) -> None:
+        self.last = info
+        reward = info.reward.float().mean().item()
+        best = info.best_reward.float().mean().item()
+        probability = None if info.regularizer is None else info.regularizer.probability.float().mean().item()
+        log.info("DNO step %d/%d  reward %.4f  best %.4f%s", info.step, info.total_steps, reward, best,
+                 "" if probability is None else f"  noise probability {probability:.3g}")
+        send(PROGRESS_EVENT, {"node": self.node_id, "step": info.step, "steps": info.total_steps,
+                              "reward": reward, "best": best, "probability": probability,
+                              "rewards": info.reward.float().tolist(), "elapsed": info.elapsed})
+        preview = None
+        due = self.preview_every > 0 and (info.step % self.preview_every == 0 or info.step == info.total_steps)
+        if due:
+            preview = ("JPEG", preview_image(info.image), comfy.model_management.args.preview_size
+                       if hasattr(comfy.model_management, "args") else 512)
+        try:
+            self.pbar.update_absolute(info.step + 1, self.total, preview)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        except comfy.model_management.InterruptProcessingException:
+            # Cancel ends the optimisation, not the graph: the node returns the
+            # best latent found so far and downstream nodes (decode, save) run.
+            raise StopOptimization("cancelled by the user")
+
+    def finish(self, result) -> None:
+        if result is None:
+            return
+        send(DONE_EVENT, {"node": self.node_id, "best": result.best_reward.float().mean().item(),
+                          "initial": result.initial_reward.float().mean().item(),
+                          "stop_reason": result.stop_reason,
+                          "probability": None if not result.history or result.history[-1].probability is None
+                          else float(np.mean(result.history[-1].probability))})

@@ -1,0 +1,163 @@
+"""DNO sampler nodes: a SAMPLER for SamplerCustomAdvanced and an all-in-one KSampler."""
+from __future__ import annotations
+
+import json
+
+import comfy.samplers
+
+from ..dno import DNOConfig, DNOError
+from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
+
+MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
+METHODS = ["auto", "autograd", "hybrid", "zeroth_order"]
+PRECISIONS = ["bf16", "fp16", "fp32"]
+
+
+def optimisation_inputs():
+    """Inputs shared by both DNO nodes."""
+    return {
+        "vae": ("VAE", {"tooltip": "Decodes latents so the reward can score images."}),
+        "reward": ("DNO_REWARD", {"tooltip": "What to maximise (from a DNO reward node)."}),
+        "sampler_mode": (list(MODES), {"tooltip": "SDE optimises x_T and every per-step noise; "
+                                                  "ODE optimises x_T only."}),
+        "opt_steps": ("INT", {"default": 20, "min": 0, "max": 10000,
+                              "tooltip": "Optimisation steps (0 = plain sampling)."}),
+        "lr": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 10.0, "step": 0.001}),
+        "method": (METHODS, {"tooltip": "auto = exact gradients for differentiable rewards, "
+                                        "hybrid estimator otherwise."}),
+        "precision": (PRECISIONS, {"tooltip": "Autocast precision of the differentiable pass."}),
+        "time_budget": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 86400.0, "step": 1.0,
+                                  "tooltip": "Seconds; 0 = no limit."}),
+        "reward_prompt": ("STRING", {"default": "", "multiline": True,
+                                     "tooltip": "Text for text-image rewards (HPS, PickScore, CLIP)."}),
+    }
+
+
+def optional_inputs():
+    return {
+        "regularizer": ("DNO_REGULARIZER", {"tooltip": "Keeps the noise in-distribution."}),
+        "target_reward": ("FLOAT", {"default": 0.0, "min": -1e9, "max": 1e9, "step": 0.01}),
+        "stop_at_target": ("BOOLEAN", {"default": False}),
+        "opt_window": ("INT", {"default": 0, "min": 0, "max": 10000,
+                               "tooltip": "Optimise only the last N sampling steps (0 = all, x_T included)."}),
+        "preview_every": ("INT", {"default": 1, "min": 0, "max": 1000, "tooltip": "0 = no previews."}),
+        "grad_samples": ("INT", {"default": 16, "min": 1, "max": 1024,
+                                 "tooltip": "Perturbed samples per step for hybrid/zeroth-order."}),
+        "perturbation": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 1.0, "step": 0.001}),
+    }
+
+
+def settings_from(vae, reward, sampler_mode, opt_steps, lr, method, precision, time_budget, reward_prompt,
+                  regularizer=None, target_reward=0.0, stop_at_target=False, opt_window=0, preview_every=1,
+                  grad_samples=16, perturbation=0.01, node_id=None) -> DNORunSettings:
+    if sampler_mode not in MODES:
+        raise DNOError(f"sampler_mode must be one of {list(MODES)}, got {sampler_mode!r}")
+    config = DNOConfig(steps=opt_steps, lr=lr, method=method, precision=precision,
+                       time_budget=time_budget or None,
+                       target_reward=target_reward if stop_at_target else None,
+                       window=opt_window or None, q=grad_samples, mu=perturbation)
+    config.validate()
+    prompts = [reward_prompt] if reward_prompt.strip() else None
+    return DNORunSettings(reward=reward, vae=vae, config=config, eta=MODES[sampler_mode],
+                          regularizer=regularizer, prompts=prompts, preview_every=preview_every,
+                          node_id=node_id)
+
+
+def history_json(result) -> str:
+    if result is None:
+        return "{}"
+    return json.dumps({
+        "stop_reason": result.stop_reason,
+        "initial_reward": result.initial_reward.tolist(),
+        "best_reward": result.best_reward.tolist(),
+        "best_step": result.best_step.tolist(),
+        "steps": [{"step": h.step, "reward": h.reward, "regularizer": h.regularizer,
+                   "probability": h.probability, "elapsed": round(h.elapsed, 3)} for h in result.history],
+    })
+
+
+class DNOSampler:
+    """DNO as a SAMPLER: plug into SamplerCustomAdvanced with any guider and sigmas."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": optimisation_inputs(), "optional": optional_inputs(),
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "build"
+    CATEGORY = "DNO"
+    DESCRIPTION = "Direct Noise Optimization as a sampler for SamplerCustomAdvanced."
+
+    def build(self, unique_id=None, **kwargs):
+        return (DNOHostSampler(settings_from(node_id=unique_id, **kwargs)),)
+
+
+class DNOKSampler:
+    """All-in-one: KSampler inputs plus the DNO settings."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {
+            "model": ("MODEL",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }
+        required.update(optimisation_inputs())
+        return {"required": required, "optional": optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("LATENT", "NOISE", "STRING")
+    RETURN_NAMES = ("latent", "optimized_noise", "reward_history")
+    FUNCTION = "sample"
+    CATEGORY = "DNO"
+    DESCRIPTION = "KSampler that optimises its noise to maximise a reward (Direct Noise Optimization)."
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, scheduler, denoise,
+               unique_id=None, **kwargs):
+        settings = settings_from(node_id=unique_id, **kwargs)
+        latent, sampler = run_ksampler(model, positive, negative, latent_image, settings, seed, steps, cfg,
+                                       scheduler, denoise)
+        result = sampler.result
+        return (latent, OptimizedNoise(result.noise.x_T, seed), history_json(result))
+
+
+class DNONoiseRegularizer:
+    """The paper's probability regulariser for the DNO nodes."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "gamma": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                "tooltip": "Weight of the penalty (0 = off)."}),
+            "block_exponent": ("INT", {"default": 1, "min": 0, "max": 6,
+                                       "tooltip": "k: blocks of 4**k numbers."}),
+            "permutations": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                     "tooltip": "Random permutations on top of the sequential split."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffff}),
+        }}
+
+    RETURN_TYPES = ("DNO_REGULARIZER",)
+    FUNCTION = "build"
+    CATEGORY = "DNO"
+
+    def build(self, gamma, block_exponent, permutations, seed):
+        from ..dno import ProbabilityRegularizer
+        return (ProbabilityRegularizer(gamma=gamma, k=block_exponent, permutations=permutations, seed=seed),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DNOSampler": DNOSampler,
+    "DNOKSampler": DNOKSampler,
+    "DNONoiseRegularizer": DNONoiseRegularizer,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DNOSampler": "DNO Sampler",
+    "DNOKSampler": "DNO KSampler",
+    "DNONoiseRegularizer": "DNO Noise Regularizer",
+}

@@ -1,0 +1,112 @@
+"""DNO nodes on ComfyUI's own objects, in-process: the host is the oracle."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from comfy_host import import_comfy
+from node_pack import load_node_pack
+from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
+
+PROMPT = "a red apple on a wooden table"
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return import_comfy()
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return load_node_pack()
+
+
+def load(comfy, path):
+    import comfy.sd
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return model, vae, pos, neg
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return load(comfy, sd15_checkpoint(vae="taesd"))
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy):
+    return load(comfy, sd3_checkpoint(vae="taesd"))
+
+
+class Brightness(torch.nn.Module):
+    name = "brightness"
+    differentiable = True
+
+    def forward(self, images, prompts=None):
+        return images.mean(dim=(1, 2, 3))
+
+
+def host_sample(model, pos, neg, latent, sampler_name, seed, steps=4, cfg=3.0, denoise=1.0):
+    import comfy.sample
+    with torch.inference_mode():
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(model, noise, steps, cfg, sampler_name, "normal", pos, neg, latent,
+                                   denoise=denoise, seed=seed, disable_pbar=True)
+
+
+def dno_sample(pack, model, vae, pos, neg, latent, mode, seed, opt_steps=0, steps=4, cfg=3.0,
+               denoise=1.0, reward=None, **extra):
+    node = pack.nodes.sampler.DNOKSampler()
+    modes = list(pack.nodes.sampler.MODES)
+    with torch.inference_mode():
+        out, noise, history = node.sample(
+            model, pos, neg, {"samples": latent}, seed, steps, cfg, "normal", denoise,
+            vae=vae, reward=reward or Brightness(), sampler_mode=modes[0 if mode == "sde" else 1],
+            opt_steps=opt_steps, lr=0.05, method="auto", precision="fp32", time_budget=0.0,
+            reward_prompt="", **extra)
+    return out["samples"], noise, json.loads(history)
+
+
+@pytest.mark.parametrize("mode,host_sampler", [("sde", "euler_ancestral"), ("ode", "euler"), ("ode", "ddim")])
+def test_zero_steps_reproduce_host_sampler(pack, sd15, mode, host_sampler):
+    model, vae, pos, neg = sd15
+    latent = torch.zeros(1, 4, 8, 8)
+    ref = host_sample(model, pos, neg, latent, host_sampler, seed=7)
+    ours, _, history = dno_sample(pack, model, vae, pos, neg, latent, mode, seed=7)
+    assert len(history["steps"]) == 1
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_steps_reproduce_host_img2img(pack, sd15):
+    model, vae, pos, neg = sd15
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = host_sample(model, pos, neg, start, "euler", seed=3, denoise=0.6)
+    ours, _, _ = dno_sample(pack, model, vae, pos, neg, start, "ode", seed=3, denoise=0.6)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_model_ode_reproduces_host_euler(pack, sd3):
+    model, vae, pos, neg = sd3
+    latent = torch.zeros(1, 16, 8, 8)
+    ref = host_sample(model, pos, neg, latent, "euler", seed=2)
+    ours, _, _ = dno_sample(pack, model, vae, pos, neg, latent, "ode", seed=2)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_optimisation_raises_reward_and_leaves_host_model_intact(pack, sd15):
+    model, vae, pos, neg = sd15
+    latent = torch.zeros(1, 4, 8, 8)
+    before = host_sample(model, pos, neg, latent, "euler_ancestral", seed=11)
+    plain, _, _ = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=11)
+    ours, noise, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=11, opt_steps=4)
+    rewards = [s["reward"][0] for s in history["steps"]]
+    print("DNO rewards per step:", rewards)
+    assert max(history["best_reward"]) > rewards[0]
+    assert not torch.allclose(ours, plain)
+    after = host_sample(model, pos, neg, latent, "euler_ancestral", seed=11)
+    assert torch.equal(before, after)
+    assert noise.generate_noise({"samples": latent}).shape == latent.shape

@@ -344,6 +344,12 @@ class ComfyServer:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log()[-chars:]
 
+    def custom_node_import_failed(self) -> bool:
+        """True when ComfyUI reported our custom node as failed to import (it keeps running
+        without it, so tests that need our nodes should assert this is False)."""
+        name = f"custom_nodes/{self.custom_node_name}"
+        return any("IMPORT FAILED" in line and name in line for line in self.log().splitlines())
+
     # ----- HTTP API
     def _request(self, method: str, route: str, payload: Any = None, timeout: float = 30) -> Any:
         data = None if payload is None else json.dumps(payload).encode()

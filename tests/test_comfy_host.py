@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -99,6 +100,85 @@ def test_v_prediction_by_the_hosts_model_sampling_node(comfy):
     assert not torch.allclose(eps_latent, v_latent)
 
 
+class _CloneInferenceTensors:
+    """Swap a module's inference-mode parameters/buffers for clones; put the originals back."""
+
+    def __init__(self, module):
+        self.module, self.saved = module, []
+
+    def __enter__(self):
+        for m in self.module.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        self.saved.append((store, name, t))
+                        c = t.clone()
+                        store[name] = (torch.nn.Parameter(c, requires_grad=False)
+                                       if isinstance(t, torch.nn.Parameter) else c)
+
+    def __exit__(self, *exc):
+        for store, name, t in reversed(self.saved):
+            store[name] = t
+        self.saved.clear()
+
+
+def test_host_facts_autograd_through_the_loaded_model(comfy):
+    """Facts the DNO adapter relies on (host_findings.md): weights loaded under the executor's
+    inference_mode refuse autograd; a KSAMPLER that clones them for its pass and restores
+    them gets a gradient, and a plain KSampler afterwards is bit-identical, LoRA-style
+    patches included."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+
+    grads = []
+
+    def grad_pass(model_k, noise, sigmas, extra_args, callback, disable, clone=True):
+        base = model_k.inner_model.inner_model  # KSamplerX0Inpaint -> CFGGuider -> BaseModel
+        with torch.inference_mode(False), torch.enable_grad():
+            x = noise.clone().requires_grad_(True)
+            sigma = sigmas.clone()[0] * x.new_ones([x.shape[0]])
+            ctx = _CloneInferenceTensors(base) if clone else torch.enable_grad()
+            with ctx:
+                x0 = model_k(x, sigma, **extra_args)
+                x0.square().mean().backward()
+            grads.append(x.grad.clone())
+        return x0.detach().clone()
+
+    def ksampler(mp):
+        latent = torch.zeros(1, 4, 8, 8)
+        return comfy.sample.sample(mp, comfy.sample.prepare_noise(latent, 0), 3, 5.0, "euler",
+                                   "normal", pos, neg, latent, seed=0, disable_pbar=True)
+
+    with torch.inference_mode():  # as execution.py runs every node
+        model, clip = comfy.sd.load_checkpoint_guess_config(
+            str(sd15_checkpoint(vae="taesd")), output_vae=False)[:2]
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        lora = model.clone()
+        key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
+        lora.add_patches({key: (torch.randn_like(model.model.state_dict()[key]) * 0.01,)})
+        assert all(p.is_inference() for p in model.model.parameters())
+        for mp in (model, lora):
+            before = ksampler(mp)
+            latent = torch.zeros(1, 4, 8, 8)
+            noise = comfy.sample.prepare_noise(latent, 0)
+            sigmas = comfy.samplers.calculate_sigmas(mp.get_model_object("model_sampling"),
+                                                     "normal", 3)
+            guider = comfy.samplers.CFGGuider(mp)
+            guider.set_conds(pos, neg)
+            guider.set_cfg(5.0)
+            no_clone = comfy.samplers.KSAMPLER(functools.partial(grad_pass, clone=False))
+            with pytest.raises(RuntimeError, match="Inference tensors"):
+                guider.sample(noise, latent, no_clone, sigmas, seed=0, disable_pbar=True)
+            guider.sample(noise, latent, comfy.samplers.KSAMPLER(grad_pass), sigmas, seed=0,
+                          disable_pbar=True)
+            assert torch.isfinite(grads[-1]).all() and grads[-1].abs().sum() > 0
+            assert torch.equal(ksampler(mp), before)
+            assert all(p.is_inference() for p in mp.model.parameters())
+        assert not torch.equal(ksampler(model), ksampler(lora))  # the patch is live
+
+
 def txt2img_prompt(ckpt_name: str, seed: int = 0, steps: int = 3) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
@@ -132,6 +212,8 @@ def test_server_runs_txt2img_and_stops():
         with Image.open(files[0]) as img:
             assert img.size == (64, 64)
         assert "Prompt executed" in server.log()
+        assert not server.custom_node_import_failed() or not (
+            server.custom_node / "__init__.py").exists()
 
         # Interrupt a long run: the host reports it as an error with an
         # execution_interrupted message, and the interrupted node's outputs are discarded.

@@ -211,12 +211,21 @@ def _hf_folder_preprocess(folder: Optional[str], image_size: int) -> ClipPreproc
     )
 
 
+def _hf_model_folder(path: str) -> Optional[str]:
+    """The HF folder that ``path`` is, or whose weight file it is (config.json says CLIP)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = read_json(os.path.join(folder, "config.json")) if folder else None
+    if config is not None and config.get("model_type") == "clip":
+        return folder
+    return None
+
+
 def build_hf_clip(
     state: Dict[str, torch.Tensor], path: str, quick_gelu: bool, preprocess: Optional[ClipPreprocess]
 ) -> HFClipBackbone:
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    folder = path if os.path.isdir(path) else None
+    folder = _hf_model_folder(path)
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     act = "quick_gelu" if quick_gelu else "gelu"
     try:

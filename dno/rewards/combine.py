@@ -26,6 +26,15 @@ class WeightedReward(Reward):
         self.differentiable = all(r.differentiable for r in self.rewards)
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(self.rewards, self.weights))
 
+    def prepare(self, device) -> None:
+        """Gets every part ready on ``device``; parts that manage their own memory do it themselves."""
+        for reward in self.rewards:
+            prepare = getattr(reward, "prepare", None)
+            if callable(prepare):
+                prepare(device)
+            else:
+                reward.to(device)
+
     def score(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
         total = None
         for reward, weight in zip(self.rewards, self.weights):

@@ -12,6 +12,8 @@ from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 
+from ..errors import DNOError
+
 SAFETENSORS_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
 # A Hugging Face model folder keeps its weights under one of these names (sharded files are not
@@ -19,7 +21,7 @@ PICKLE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class RewardFileError(ValueError):
+class RewardFileError(DNOError):
     """A reward weight file is missing, unreadable, unsafe or of the wrong kind."""
 
 

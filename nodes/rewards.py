@@ -1,0 +1,293 @@
+"""DNO reward nodes: thin ComfyUI adapters over ``dno.rewards``.
+
+Each loader node resolves file names through ``folder_paths`` and makes one call into the library.
+Models are loaded once (``dno.rewards.cached_load``), outside inference mode so autograd can use
+them, and wrapped in a ``ModelPatcher`` so ComfyUI moves them to the GPU for scoring and offloads
+them when another model needs the memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..dno.rewards import (
+    BUILTIN_FUNCTIONS, BuiltinReward, DEFAULT_JPEG_QUALITY, JpegReward, Reward, RewardFileError,
+    WeightedReward, cached_load, load_aesthetic_reward, load_clip_score_reward, load_hps_reward,
+    load_pickscore_reward,
+)
+
+log = logging.getLogger("DNO")
+
+REWARD_FOLDER = "dno_rewards"
+# Where users already keep CLIP weights; searched after our own folder.
+CLIP_FOLDERS = (REWARD_FOLDER, "clip_vision", "clip")
+CATEGORY = "DNO/rewards"
+ACTIVATIONS = {"quick_gelu (OpenAI CLIP)": True, "gelu (LAION / open_clip)": False}
+JPEG_OBJECTIVES = {"compressibility (smaller files)": True, "incompressibility (larger files)": False}
+
+
+def register_reward_folder() -> None:
+    if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[REWARD_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, REWARD_FOLDER)],
+            folder_paths.supported_pt_extensions,
+        )
+
+
+register_reward_folder()
+
+
+def _file_list(folders: Sequence[str]) -> List[str]:
+    names: List[str] = []
+    for folder in folders:
+        try:
+            names.extend(n for n in folder_paths.get_filename_list(folder) if n not in names)
+        except KeyError:  # a folder type this ComfyUI does not know
+            continue
+    return names
+
+
+def resolve_file(name: str, folders: Sequence[str], what: str) -> str:
+    for folder in folders:
+        try:
+            path = folder_paths.get_full_path(folder, name)
+        except KeyError:
+            path = None
+        if path:
+            return path
+    raise RewardFileError(
+        f"{what} file '{name}' was not found in ComfyUI's {', '.join(f'models/{f}' for f in folders)}"
+        " folders. Put it there and refresh the node list."
+    )
+
+
+class ManagedReward(Reward):
+    """A reward whose weights ComfyUI's model management loads and offloads."""
+
+    def __init__(self, inner: Reward):
+        super().__init__()
+        self.inner = inner
+        self.name = inner.name
+        self.differentiable = inner.differentiable
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            inner, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(),
+            size=mm.module_size(inner),
+        )
+
+    def prepare(self, device=None) -> None:
+        """Load onto the sampling device (freeing other models if needed), autograd-ready."""
+        from .host import make_autograd_ready
+
+        with torch.inference_mode(False):
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+            make_autograd_ready(self.inner)
+
+    def _on_load_device(self) -> bool:
+        param = next(self.inner.parameters(), None)
+        return param is None or param.device == torch.device(self.patcher.load_device)
+
+    def score(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        if not self._on_load_device():
+            self.prepare()
+        return self.inner.score(images, prompts).to(images.device)
+
+
+def _managed(loader, *args, **options):
+    """Loads (once) outside inference mode, so the weights are ordinary tensors."""
+    def load_and_wrap(*paths, **opts):
+        with torch.inference_mode(False):
+            return ManagedReward(loader(*paths, **opts))
+
+    load_and_wrap.__qualname__ = f"managed_{loader.__name__}"
+    load_and_wrap.__module__ = loader.__module__
+    return cached_load(load_and_wrap, list(args), **options)
+
+
+def _prompt_list(prompt: str) -> Optional[List[str]]:
+    prompt = (prompt or "").strip()
+    return [prompt] if prompt else None
+
+
+class DNOAestheticReward:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "aesthetic_mlp": (_file_list([REWARD_FOLDER]), {
+                "tooltip": "sac+logos+ava1-l14-linearMSE.pth (or .safetensors) in models/dno_rewards"}),
+            "clip_model": (_file_list(CLIP_FOLDERS), {
+                "tooltip": "CLIP ViT-L/14 weights (open_clip or Hugging Face / clip_vision layout)"}),
+            "clip_activation": (list(ACTIVATIONS), {
+                "tooltip": "OpenAI's ViT-L/14 (what the predictor was trained on) uses QuickGELU"}),
+        }}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "LAION aesthetic predictor: an MLP on CLIP ViT-L/14 image embeddings."
+
+    def load(self, aesthetic_mlp, clip_model, clip_activation):
+        mlp = resolve_file(aesthetic_mlp, [REWARD_FOLDER], "Aesthetic MLP")
+        clip = resolve_file(clip_model, CLIP_FOLDERS, "CLIP")
+        return (_managed(load_aesthetic_reward, mlp, clip, quick_gelu=ACTIVATIONS[clip_activation]),)
+
+
+class DNOHPSReward:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"hps_checkpoint": (_file_list([REWARD_FOLDER]), {
+            "tooltip": "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt in models/dno_rewards"})}}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Human Preference Score v2 / v2.1 (needs the prompt)."
+
+    def load(self, hps_checkpoint):
+        return (_managed(load_hps_reward, resolve_file(hps_checkpoint, [REWARD_FOLDER], "HPSv2")),)
+
+
+class DNOPickScoreReward:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pickscore_model": (_file_list(CLIP_FOLDERS), {
+            "tooltip": "PickScore_v1 model.safetensors (with its config.json beside it, or alone)"})}}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "PickScore (needs the prompt)."
+
+    def load(self, pickscore_model):
+        return (_managed(load_pickscore_reward, resolve_file(pickscore_model, CLIP_FOLDERS, "PickScore")),)
+
+
+class DNOCLIPScoreReward:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_model": (_file_list(CLIP_FOLDERS), {"tooltip": "Any full CLIP (image and text towers)"}),
+            "clip_activation": (list(ACTIVATIONS), {"default": "gelu (LAION / open_clip)"}),
+            "scale": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                "tooltip": "score = scale * cosine(image, prompt)"}),
+        }}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "CLIP score: scaled cosine similarity of image and prompt."
+
+    def load(self, clip_model, clip_activation, scale):
+        path = resolve_file(clip_model, CLIP_FOLDERS, "CLIP")
+        return (_managed(load_clip_score_reward, path, quick_gelu=ACTIVATIONS[clip_activation],
+                         scale=float(scale)),)
+
+
+class DNOBuiltinReward:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (list(BUILTIN_FUNCTIONS), {"default": "brightness"})}}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Rewards computed from the pixels alone: brightness, darkness, saturation, contrast."
+
+    def make(self, kind):
+        return (BuiltinReward(kind),)
+
+
+class DNOJPEGReward:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "objective": (list(JPEG_OBJECTIVES),),
+            "quality": ("INT", {"default": DEFAULT_JPEG_QUALITY, "min": 1, "max": 100}),
+        }}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "JPEG file size in kB (non-differentiable: optimised with the hybrid estimator)."
+
+    def make(self, objective, quality):
+        return (JpegReward(quality=int(quality), compress=JPEG_OBJECTIVES[objective]),)
+
+
+class DNOCombineRewards:
+    @classmethod
+    def INPUT_TYPES(cls):
+        weight = ("FLOAT", {"default": 1.0, "min": -1000.0, "max": 1000.0, "step": 0.01})
+        optional = {}
+        for i in (2, 3, 4):
+            optional[f"reward_{i}"] = ("DNO_REWARD",)
+            optional[f"weight_{i}"] = weight
+        return {"required": {"reward_1": ("DNO_REWARD",), "weight_1": weight}, "optional": optional}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    FUNCTION = "combine"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Weighted sum of rewards; if any part is non-differentiable the whole is "
+                   "optimised with the hybrid estimator.")
+
+    def combine(self, reward_1, weight_1, **optional):
+        parts = [(reward_1, weight_1)]
+        for i in (2, 3, 4):
+            if optional.get(f"reward_{i}") is not None:
+                parts.append((optional[f"reward_{i}"], optional.get(f"weight_{i}", 1.0)))
+        return (WeightedReward(parts),)
+
+
+class DNOScoreImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "reward": ("DNO_REWARD",)},
+                "optional": {"prompt": ("STRING", {"default": "", "multiline": True})}}
+
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("mean_score", "scores")
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Scores images with a DNO reward (mean as FLOAT, every score as text)."
+
+    def score(self, image, reward, prompt=""):
+        images = image[..., :3].permute(0, 3, 1, 2).float()  # ComfyUI IMAGE is (B, H, W, C)
+        prepare = getattr(reward, "prepare", None)
+        if callable(prepare):
+            prepare(mm.get_torch_device())
+        with torch.no_grad():
+            scores = reward(images.to(mm.get_torch_device()), _prompt_list(prompt)).float().cpu()
+        text = ", ".join(f"{s:.4f}" for s in scores.tolist())
+        log.info("DNO %s score: %s", reward.name, text)
+        print(f"[DNO] {reward.name}: {text}")
+        return {"ui": {"text": [text]}, "result": (float(scores.mean()), text)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DNOAestheticReward": DNOAestheticReward,
+    "DNOHPSReward": DNOHPSReward,
+    "DNOPickScoreReward": DNOPickScoreReward,
+    "DNOCLIPScoreReward": DNOCLIPScoreReward,
+    "DNOBuiltinReward": DNOBuiltinReward,
+    "DNOJPEGReward": DNOJPEGReward,
+    "DNOCombineRewards": DNOCombineRewards,
+    "DNOScoreImage": DNOScoreImage,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DNOAestheticReward": "DNO Reward: LAION Aesthetic",
+    "DNOHPSReward": "DNO Reward: HPSv2",
+    "DNOPickScoreReward": "DNO Reward: PickScore",
+    "DNOCLIPScoreReward": "DNO Reward: CLIP Score",
+    "DNOBuiltinReward": "DNO Reward: Brightness / Darkness / Saturation / Contrast",
+    "DNOJPEGReward": "DNO Reward: JPEG (In)compressibility",
+    "DNOCombineRewards": "DNO Combine Rewards",
+    "DNOScoreImage": "DNO Score Image",
+}

@@ -18,7 +18,6 @@ PROMPT = "a red apple on a wooden table"
 
 @pytest.fixture(scope="module")
 def comfy():
-    torch.set_num_threads(1)
     return import_comfy()
 
 
@@ -196,6 +195,7 @@ def txt2img_prompt(ckpt_name: str, seed: int = 0, steps: int = 3) -> dict:
     }
 
 
+@pytest.mark.server
 def test_server_runs_txt2img_and_stops():
     from PIL import Image
 

@@ -19,6 +19,11 @@ What ComfyUI 0.3.75 allows to be small (see /work/notes/host_findings.md):
   which ComfyUI's VAE detection also accepts (1.2M params): same 8x downscale, much faster
   decode. Both are real VAE layouts ComfyUI reads.
 
+``sd3_checkpoint()`` writes the flow-matching family: a 2-block MMDiT that detection maps to
+``SD3`` (``ModelType.FLOW``), CLIP-L only, and a 16-channel VAE. Flux/SDXL/SD2 cannot be made
+small (their detection pins large widths); v-prediction comes from the host's
+``ModelSamplingDiscrete`` node applied to the SD1.5 model.
+
 Key names and shapes come from instantiating ComfyUI's own modules on the ``meta`` device,
 so they are exactly what its loaders expect; values are seeded per key, so a file is
 deterministic. Files are cached under ``<repo>/.cache/tiny_checkpoints`` by a content key.
@@ -216,7 +221,7 @@ def sd15_checkpoint(folder: Path | str | None = None, *, seed: int = 0, vae: str
     """Path of a tiny SD1.5-family checkpoint (``.safetensors``), placed in ``folder`` if given.
 
     ``vae="kl"``: the SD1.x KL VAE (as in real SD1.5 files; ~440 MB file, mostly CLIP + VAE).
-    ``vae="taesd"``: TAESD as the checkpoint's VAE (~280 MB, decodes ~50x faster).
+    ``vae="taesd"``: TAESD as the checkpoint's VAE (~280 MB, decodes much faster).
     """
     if vae not in VAE_KINDS:
         raise ValueError(f"vae={vae!r} is not one of {VAE_KINDS}; pick 'kl' (SD1.5's own VAE "

@@ -194,10 +194,15 @@ def _cached_file(name: str, spec: dict, build) -> Path:
             os.close(fd)
             try:
                 build(Path(tmp))
+                os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+            # Entries of the same name from older generator versions are dead weight.
+            for stale in folder.glob(f"{name}-*.safetensors"):
+                if stale != path:
+                    stale.unlink(missing_ok=True)
     return path
 
 

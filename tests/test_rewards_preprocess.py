@@ -28,6 +28,23 @@ def _pil_image(height, width, seed=0):
     return Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
 
 
+def _pil_processor_class():
+    """The PIL-based CLIPImageProcessor: its own class in transformers 5, the default in 4.x."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        return CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor
+        return CLIPImageProcessor
+
+
+def _torchvision_processor_class():
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorFast", None) if not hasattr(
+        transformers, "CLIPImageProcessorPil") else transformers.CLIPImageProcessor
+
+
 def _as_tensor(pil):
     return torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255.0
 
@@ -52,9 +69,7 @@ def rewards(tmp_path_factory):
     clip_path, _ = fx.save_open_clip_file(d)
     hps_path, _ = fx.save_hps_file(d)
     folder, _ = fx.save_hf_clip_folder(d)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    CLIPImageProcessorPil(size={"shortest_edge": fx.TINY_IMAGE},
+    _pil_processor_class()(size={"shortest_edge": fx.TINY_IMAGE},
                           crop_size={"height": fx.TINY_IMAGE, "width": fx.TINY_IMAGE}).save_pretrained(folder)
     return {
         "clip_score": load_clip_score_reward(clip_path),
@@ -90,10 +105,9 @@ def test_hps_preprocess_equals_hpsv2_longest_side_transform(rewards, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 def test_pickscore_preprocess_equals_clip_image_processor(rewards, shape, backend):
-    from transformers import CLIPImageProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    cls = CLIPImageProcessorPil if backend == "pil" else CLIPImageProcessor
+    cls = _pil_processor_class() if backend == "pil" else _torchvision_processor_class()
+    if cls is None:
+        pytest.skip("this transformers has no torchvision CLIP image processor")
     processor = cls.from_pretrained(rewards["pick_folder"], local_files_only=True)
     config = rewards["pickscore"].clip.preprocess
     pil = _pil_image(*shape, seed=2)

@@ -88,6 +88,14 @@ class DNOHostSampler(comfy.samplers.Sampler):
                                   eta=s.eta, prompts=s.prompts, latent=latent,
                                   full_denoise=self.max_denoise(model_wrap, sigmas), config=s.config,
                                   regularizer=s.regularizer, callback=reporter)
+        except comfy.model_management.InterruptProcessingException as error:
+            # Cancel ends the optimisation, not the graph: ComfyUI's layers raise
+            # this mid-forward; the best latent so far is the node's output and
+            # downstream nodes (decode, save) still run.
+            result = getattr(error, "dno_result", None)
+            if result is None:
+                raise
+            result.stop_reason = f"cancelled by the user after {len(result.history)} scored samples"
         except DNOError as error:
             result = error.result
             raise DNOError(f"DNO: {error}", result) from None

@@ -1,0 +1,179 @@
+"""The example workflows through a real ComfyUI server (0.3.75, or $COMFYUI_PATH).
+
+The workflows in example_workflows/api are posted to /prompt as they are,
+except for sizes and step counts turned down for a 2-core CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_host import ComfyHostError, ComfyServer
+from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
+from workflow_format import api_to_ui, same_graph, ui_to_api
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[1]
+API_DIR = REPO / "example_workflows" / "api"
+UI_DIR = REPO / "example_workflows"
+CKPT = "v1-5-pruned-emaonly.safetensors"
+STEP_LINE = re.compile(r"DNO step (\d+)/(\d+)\s+reward (-?[\d.]+)")
+
+
+def load_api(name):
+    return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+def shrink(api, opt_steps=3, steps=4, size=64):
+    """The same graph, sized for the CPU."""
+    api = copy.deepcopy(api)
+    for node in api.values():
+        ins = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            ins.update(width=size, height=size)
+        if node["class_type"] in ("DNOKSampler", "KSampler", "BasicScheduler"):
+            ins["steps"] = steps
+        if node["class_type"] in ("DNOKSampler", "DNOSampler"):
+            ins.update(opt_steps=opt_steps, precision="fp32", lr=0.05, preview_every=1)
+    return api
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    sd15 = sd15_checkpoint(models, vae="taesd", filename=CKPT)
+    fresh = sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors")
+    sd3 = sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")
+    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3]}, threads=2) as srv:
+        assert not srv.custom_node_import_failed(), srv.log_tail()
+        Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(
+            srv.input_dir / "example.png")
+        yield srv
+
+
+def run(server, api, timeout=240):
+    mark = len(server.log())
+    entry = server.wait(server.queue(api), timeout=timeout)
+    log = server.log()[mark:]
+    assert entry["status"]["status_str"] == "success", log[-4000:]
+    return entry, log
+
+
+def rewards_from(log):
+    return [float(m.group(3)) for m in STEP_LINE.finditer(log)]
+
+
+def image_of(server, entry, prefix):
+    files = [p for p in server.output_files(entry) if p.name.startswith(prefix + "_")]
+    assert files, f"no image saved with prefix {prefix}"
+    return np.asarray(Image.open(files[0]))
+
+
+def test_ui_workflows_match_api(server):
+    info = server.object_info()
+    for api_file in sorted(API_DIR.glob("*.json")):
+        ui_file = UI_DIR / api_file.name
+        assert ui_file.exists(), f"{ui_file.name}: every API workflow has a UI-format twin"
+        api = json.loads(api_file.read_text())
+        ui = json.loads(ui_file.read_text())
+        assert same_graph(ui_to_api(ui, info), api), f"{ui_file.name} is out of sync with api/{api_file.name}"
+        assert same_graph(ui_to_api(api_to_ui(api, info), info), api)
+
+
+def test_txt2img_reward_rises_and_image_differs(server):
+    entry, log = run(server, shrink(load_api("dno_txt2img_ksampler")))
+    rewards = rewards_from(log)
+    print("server-logged DNO rewards:", rewards)
+    assert len(rewards) == 4
+    assert max(rewards[1:]) > rewards[0]
+    dno, plain = image_of(server, entry, "DNO_txt2img"), image_of(server, entry, "DNO_txt2img_plain")
+    assert dno.shape == plain.shape == (64, 64, 3)
+    assert np.abs(dno.astype(int) - plain.astype(int)).mean() > 0.5
+    assert dno.mean() > plain.mean()  # the reward is brightness
+
+
+def test_sampler_custom_advanced_variant(server):
+    entry, log = run(server, shrink(load_api("dno_sampler_custom_advanced")))
+    rewards = rewards_from(log)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert image_of(server, entry, "DNO_custom_advanced").shape == (64, 64, 3)
+
+
+def test_img2img_refinement(server):
+    entry, log = run(server, shrink(load_api("dno_img2img_refine")))
+    rewards = rewards_from(log)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert image_of(server, entry, "DNO_img2img").shape == (64, 64, 3)
+
+
+def plain_graph(ckpt, prefix, after_dno=False):
+    api = shrink(load_api("dno_txt2img_ksampler"))
+    api["1"]["inputs"]["ckpt_name"] = ckpt
+    keep = {"1", "2", "3", "4", "10", "11", "12"} | ({"5", "6", "7"} if after_dno else set())
+    api = {k: v for k, v in api.items() if k in keep}
+    api["12"]["inputs"]["filename_prefix"] = prefix
+    if after_dno:
+        # the plain KSampler's latent is DNO's output times 0: an all-zero latent like
+        # EmptyLatentImage's, but it forces the KSampler to run after DNO in the same graph
+        api["20"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["7", 0], "multiplier": 0.0}}
+        api["10"]["inputs"]["latent_image"] = ["20", 0]
+    return api
+
+
+def test_plain_ksampler_after_dno_is_unchanged(server):
+    before, _ = run(server, plain_graph("fresh-copy.safetensors", "before"))
+    after, log = run(server, plain_graph("fresh-copy.safetensors", "after", after_dno=True))
+    assert len(rewards_from(log)) == 4  # DNO really ran first, on the same cached model
+    assert np.array_equal(image_of(server, before, "before"), image_of(server, after, "after"))
+
+
+def test_cancel_returns_best_latent_promptly(server):
+    api = shrink(load_api("dno_txt2img_ksampler"), opt_steps=400)
+    for key in ("10", "11", "12"):
+        api.pop(key)
+    api["9"]["inputs"]["filename_prefix"] = "cancelled"
+    mark = len(server.log())
+    pid = server.queue(api)
+    deadline = time.monotonic() + 120
+    while len(rewards_from(server.log()[mark:])) < 3:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    server.interrupt()
+    entry = server.wait(pid, timeout=60)
+    took = time.monotonic() - t0
+    log = server.log()[mark:]
+    print(f"cancel took {took:.2f}s after {len(rewards_from(log))} scored samples")
+    assert took < 10
+    assert "cancelled by the user" in log or "cancelled" in log
+    assert entry["status"]["status_str"] == "success"
+    assert len(rewards_from(log)) < 400
+    assert image_of(server, entry, "cancelled").shape == (64, 64, 3)
+
+
+def test_bad_inputs_give_clear_node_errors(server):
+    # zero sampling steps: rejected by validation with the input named
+    api = shrink(load_api("dno_txt2img_ksampler"))
+    for key in ("10", "11", "12"):  # else the valid plain branch still runs
+        api.pop(key)
+    api["7"]["inputs"]["steps"] = 0
+    with pytest.raises(ComfyHostError, match="steps"):
+        server.queue(api)
+    # a 4-channel (SD1.5 VAE) latent into a 16-channel flow model
+    api = shrink(load_api("dno_img2img_refine"))
+    api["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd3.safetensors"}}
+    api["8"]["inputs"]["model"] = ["20", 0]
+    entry = server.wait(server.queue(api), timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    message = json.dumps(entry["status"]["messages"])
+    assert "16-channel" in message and "latent" in message, message
+    assert "Traceback" not in message.split("exception_message")[1][:300]

@@ -40,7 +40,9 @@ def optional_inputs():
         "stop_at_target": ("BOOLEAN", {"default": False}),
         "opt_window": ("INT", {"default": 0, "min": 0, "max": 10000,
                                "tooltip": "Optimise only the last N sampling steps (0 = all, x_T included)."}),
-        "preview_every": ("INT", {"default": 1, "min": 0, "max": 1000, "tooltip": "0 = no previews."}),
+        "preview_every": ("INT", {"default": 5, "min": 0, "max": 1000,
+                                  "tooltip": "Send a preview image every N optimisation steps (and at the last); "
+                                             "0 = no previews. Each preview costs an image encode and transfer."}),
         "grad_samples": ("INT", {"default": 16, "min": 1, "max": 1024,
                                  "tooltip": "Perturbed samples per step for hybrid/zeroth-order."}),
         "perturbation": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 1.0, "step": 0.001}),
@@ -48,7 +50,7 @@ def optional_inputs():
 
 
 def settings_from(vae, reward, sampler_mode, opt_steps, lr, method, precision, time_budget, reward_prompt,
-                  regularizer=None, target_reward=0.0, stop_at_target=False, opt_window=0, preview_every=1,
+                  regularizer=None, target_reward=0.0, stop_at_target=False, opt_window=0, preview_every=5,
                   grad_samples=16, perturbation=0.01, node_id=None) -> DNORunSettings:
     if sampler_mode not in MODES:
         raise DNOError(f"sampler_mode must be one of {list(MODES)}, got {sampler_mode!r}")

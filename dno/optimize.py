@@ -17,15 +17,18 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .checkpointing import checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
 from .gradients import hybrid_gradient, zeroth_order_gradient
+from .memory import GIB, MemoryPlan, activation_bytes, default_budget_bytes, plan_stored_steps
 from .noise import DNONoise, TrainableNoise
 from .precision import autocast, check_precision, grad_scaler
 from .regularizer import ProbabilityRegularizer, RegularizerTerms
-from .sampling import Denoiser, as_sigma_list, sample, step_uses_noise
+from .sampling import Denoiser, as_sigma_list, denoise_step, sample, step_uses_noise
 from .schedule import VP, NoiseSchedule, get_schedule
 
 METHODS = ("auto", "autograd", "hybrid", "zeroth_order")
+CHECKPOINT_MODES = ("auto", "blocks")
 
 
 @dataclass
@@ -39,7 +42,12 @@ class DNOConfig:
     time_budget: Optional[float] = None   # seconds; the run stops before exceeding it
     target_reward: Optional[float] = None # stop once every sample reached it
     window: Optional[int] = None          # the paper's opt_time: last K steps optimised; None = all + x_T
-    checkpoint: Union[bool, int] = True   # True: recompute every step; False: store all; n: store n steps
+    # How the exact-gradient pass trades memory for time: True recomputes every step, False stores
+    # all, n stores n steps, "auto" stores as many as memory_budget_gb allows (all of them when
+    # the card has room, block checkpointing when not even per-step recomputation fits),
+    # "blocks" recomputes every step and checkpoints the model's blocks inside it (least memory).
+    checkpoint: Union[bool, int, str] = "auto"
+    memory_budget_gb: Optional[float] = None  # "auto": cap on allocated GPU memory; None = what is free
     mu: float = 0.01                      # perturbation scale of the zeroth-order / hybrid estimators
     q: int = 16                           # perturbed samples per image per step
     estimator_batch: int = 4              # perturbed copies of the batch rendered at once
@@ -56,6 +64,13 @@ class DNOConfig:
         if self.q < 1 or self.estimator_batch < 1 or not self.mu > 0:
             raise DNOError(f"the estimator needs q >= 1, estimator_batch >= 1 and mu > 0 "
                            f"(got q={self.q}, estimator_batch={self.estimator_batch}, mu={self.mu})")
+        if not (isinstance(self.checkpoint, (bool, int)) or self.checkpoint in CHECKPOINT_MODES) or \
+                (not isinstance(self.checkpoint, (bool, str)) and self.checkpoint < 0):
+            raise DNOError(f"checkpoint must be True, False, a number of stored steps >= 0, 'auto' or "
+                           f"'blocks', got {self.checkpoint!r}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise DNOError(f"memory_budget_gb must be positive GiB or None (use what is free), "
+                           f"got {self.memory_budget_gb}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise DNOError(f"time_budget must be positive seconds or None, got {self.time_budget}")
 
@@ -94,6 +109,7 @@ class DNOResult:
     history: List[StepRecord] = field(default_factory=list)
     stop_reason: str = "completed"
     rendered: int = 0               # images rendered in total (for equal-budget comparisons)
+    memory_plan: Optional[MemoryPlan] = None  # what checkpoint="auto" chose
 
 
 def resolve_method(method: str, reward) -> str:
@@ -107,9 +123,17 @@ def resolve_method(method: str, reward) -> str:
 
 
 def checked_reward(reward, images: torch.Tensor, prompts, batch: int) -> torch.Tensor:
-    """Call the reward and insist on one finite-typed score per image."""
-    value = reward(images, prompts)
+    """Call the reward and insist on one score per image."""
     name = getattr(reward, "name", type(reward).__name__)
+    try:
+        value = reward(images, prompts)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        # Typically a reward model left on another device or in another dtype.
+        raise DNOError(f"reward {name!r} failed on a {tuple(images.shape)} {images.dtype} image batch "
+                       f"on {images.device}: {error}. Put the reward on the sampling device and make "
+                       "sure it accepts float images in [0, 1]") from error
     if not torch.is_tensor(value):
         raise DNOError(f"reward {name!r} returned {type(value).__name__}, expected a tensor of shape ({batch},)")
     if value.dim() == 2 and value.shape[1] == 1:
@@ -156,11 +180,25 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     scaler = grad_scaler(config.precision, device)
     generator = torch.Generator(device=device).manual_seed(int(config.seed))
 
+    plan = None
+    keep, blocks, store_decode = config.checkpoint, False, config.checkpoint is False
+    if keep == "blocks":
+        keep, blocks = True, True
+    elif keep == "auto":
+        keep = True
+        if method in ("autograd", "hybrid"):
+            plan = _plan_memory(config, denoiser, decode, schedule, eta, sig, window, noise, latent,
+                                full_denoise)
+        if plan is not None:
+            keep, blocks = plan.stored_steps, plan.block_checkpointing
+            store_decode = plan.stored_steps >= window and not blocks
+    segments = (segments_of(denoiser) + segments_of(decode)) if blocks else []
+
     def render(current: DNONoise, graph: bool = False) -> tuple:
         times = current.batch_size // batch
         start = latent if latent is None or times == 1 else latent.repeat(times, *([1] * (latent.dim() - 1)))
-        out = sample(denoiser, current, sig, schedule, eta, start, full_denoise, window, config.checkpoint)
-        if graph and config.checkpoint is not False:
+        out = sample(denoiser, current, sig, schedule, eta, start, full_denoise, window, keep)
+        if graph and not store_decode:
             image = _checkpoint(decode, out, use_reentrant=False)
         else:
             image = decode(out)
@@ -184,8 +222,11 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         if not best:
             return None
         return DNOResult(best["latent"], best["image"], best["noise"], best["reward"], best["initial"],
-                         best["step"], history, stop_reason, rendered)
+                         best["step"], history, stop_reason, rendered, plan)
 
+    # Entered by hand around the loop: the blocks must stay patched through every backward pass.
+    block_scope = checkpointed_blocks(segments)
+    block_scope.__enter__()
     try:
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
@@ -226,7 +267,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 stop_reason = f"target reward {config.target_reward} reached at step {it}"
                 break
             elapsed = time.perf_counter() - started
-            if config.time_budget is not None and elapsed * (it + 2) / (it + 1) > config.time_budget:
+            if config.time_budget is not None and elapsed + _next_iteration_estimate(history) > config.time_budget:
                 stop_reason = f"time budget of {config.time_budget}s reached after {it} updates"
                 break
 
@@ -277,7 +318,43 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)
+        block_scope.__exit__(None, None, None)
     return result()
+
+
+def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig: List[float],
+                 window: int, noise: DNONoise, latent, full_denoise: bool) -> Optional[MemoryPlan]:
+    """Measure one step's and one decode's activations on the device and plan the storage.
+
+    Off CUDA there is no allocator counter to read: None (recompute every step).
+    """
+    device = noise.x_T.device
+    if device.type != "cuda":
+        return None
+    budget = (int(config.memory_budget_gb * GIB) if config.memory_budget_gb is not None
+              else default_budget_bytes(device))
+    first = len(sig) - 1 - window
+    z = None if noise.steps is None else noise.steps[first].detach()
+    with torch.no_grad():
+        x = schedule.start(sig[0], noise.x_T.detach(), latent, full_denoise)
+    with autocast(config.precision, device):
+        step = activation_bytes(lambda v: denoise_step(denoiser, schedule, eta, sig[first], sig[first + 1],
+                                                       v, z), x)
+        decoded = activation_bytes(decode, x)
+    can_blocks = bool(segments_of(denoiser) or segments_of(decode))
+    return plan_stored_steps(budget, torch.cuda.memory_allocated(device), step, decoded, window, can_blocks)
+
+
+def _next_iteration_estimate(history: List[StepRecord]) -> float:
+    """Seconds the next update plus scoring should take.
+
+    After the first update it is the measured mean; before, the first
+    (forward-only) evaluation times 4: an update recomputes the checkpointed
+    forward and runs the backward on top of the next forward.
+    """
+    if len(history) >= 2:
+        return (history[-1].elapsed - history[0].elapsed) / (len(history) - 1)
+    return 4.0 * history[0].elapsed
 
 
 def _update_best(best: dict, step: int, reward: torch.Tensor, latent: torch.Tensor,

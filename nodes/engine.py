@@ -37,6 +37,13 @@ class DNORunSettings:
     preview_every: int = 1
     node_id: Optional[str] = None
 
+    def validate(self) -> None:
+        if self.vae is None:
+            raise DNOError("DNO needs a VAE to turn latents into images for the reward: connect a VAE")
+        if self.reward is None:
+            raise DNOError("DNO needs a reward: connect a DNO reward node")
+        self.config.validate()
+
 
 class OptimizedNoise:
     """The optimised x_T as a ComfyUI ``NOISE``, reusable by other samplers.
@@ -65,6 +72,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         s = self.settings
+        s.validate()
         if len(sigmas) < 2:
             raise DNOError("DNO needs at least one sampling step (sigmas has fewer than 2 values)")
         base_model = model_wrap.inner_model
@@ -118,8 +126,6 @@ class DNOHostSampler(comfy.samplers.Sampler):
 
     def _move_reward(self, device) -> None:
         reward = self.settings.reward
-        if reward is None:
-            raise DNOError("DNO needs a reward: connect a DNO reward node")
         prepare = getattr(reward, "prepare", None)
         if callable(prepare):
             prepare(device)

@@ -292,3 +292,43 @@ def test_page_works_when_no_chart_messages_arrive(checkpoint):
         print("browser console:\n" + console.report())
         assert not console.mentioning(EXTENSION_URL), console.report()
         assert not [m for m in console.errors() if m["type"] == "pageerror"], console.report()
+
+
+# Page JS: the DNO KSampler moved into a subgraph (the frontend's "Convert to Subgraph"); the
+# server then runs it as "<subgraph node>:<inner node>" and tags its messages with that id.
+WRAP_IN_SUBGRAPH = """(id) => {
+    const app = window.comfyAPI.app.app;
+    const {node, subgraph} = app.graph.convertToSubgraph(new Set([app.graph.getNodeById(id)]));
+    const inner = subgraph.nodes.find((n) => n.type === "DNOKSampler");
+    return [String(node.id), String(inner.id)];
+}"""
+
+READ_INNER_CHART = """([outer, inner]) => {
+    const node = window.comfyAPI.app.app.graph.getNodeById(Number(outer)).subgraph.getNodeById(Number(inner));
+    const el = node.dnoChart.container;
+    return {points: JSON.parse(el.dataset.points || "[]"), summary: el.dataset.summary};
+}"""
+
+
+def test_chart_of_a_dno_node_inside_a_subgraph(checkpoint):
+    workflow = load_example("dno_txt2img_ksampler")
+    with ui_server({"checkpoints": [checkpoint]}) as server, chromium_page() as (page, console):
+        write_user_settings(server)
+        open_comfy(page, server, DNO_TYPES)
+        dno_ids = page.evaluate(SHRINK_WORKFLOW, {"workflow": workflow, "ckpt": checkpoint.name,
+                                                  "optSteps": 2})
+        outer, inner = page.evaluate(WRAP_IN_SUBGRAPH, dno_ids[0])
+        api_ids = page.evaluate("async () => Object.keys((await window.comfyAPI.app.app.graphToPrompt()).output)")
+        assert f"{outer}:{inner}" in api_ids  # the id the server will tag the messages with
+        page.evaluate("() => window.comfyAPI.app.app.queuePrompt(0, 1)")
+        entries = wait_for_history(server, 1, timeout=120)
+        assert entries[0]["status"]["status_str"] == "success", server.log_tail()
+        page.wait_for_function(
+            "(ids) => (" + READ_INNER_CHART + ")(ids).summary.startsWith('final')", arg=[outer, inner],
+            timeout=20_000)
+        chart = page.evaluate(READ_INNER_CHART, [outer, inner])
+        (run,) = logged_runs(server.log())
+        assert [as_logged(p) for p in chart["points"]] == [(s, r, b, p) for s, _, r, b, p in run]
+        assert len(chart["points"]) == 3
+        print("browser console:\n" + console.report())
+        assert not console.mentioning(EXTENSION_URL), console.report()

@@ -10,6 +10,7 @@ from PIL import Image
 
 import comfy.model_management
 import comfy.utils
+from comfy.cli_args import args
 
 from ..dno import StepInfo, StopOptimization
 
@@ -68,8 +69,9 @@ class RunReporter:
         preview = None
         due = self.preview_every > 0 and (info.step % self.preview_every == 0 or info.step == info.total_steps)
         if due:
-            preview = ("JPEG", preview_image(info.image), comfy.model_management.args.preview_size
-                       if hasattr(comfy.model_management, "args") else 512)
+            image = preview_image(info.image)
+            # ComfyUI scales a preview *up* to the size given; never ask for more than we have.
+            preview = ("JPEG", image, min(args.preview_size, max(image.size)))
         try:
             self.pbar.update_absolute(info.step + 1, self.total, preview)
             comfy.model_management.throw_exception_if_processing_interrupted()

@@ -12,6 +12,11 @@ from collections import defaultdict
 from typing import Any, Dict, List
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Nodes that carry many widgets (and the DNO chart) need room, or they overlap when the
+# frontend grows them to their content.
+NODE_SIZES = {"DNOKSampler": [360, 840], "DNOSampler": [360, 640], "KSampler": [320, 480],
+              "CLIPTextEncode": [400, 200]}
+DEFAULT_SIZE = [320, 160]
 
 
 def _input_specs(info: dict) -> List[tuple]:
@@ -49,7 +54,7 @@ def api_to_ui(api: Dict[str, Any], object_info: Dict[str, Any]) -> Dict[str, Any
 
     links, nodes = [], []
     out_links = defaultdict(list)
-    rows = defaultdict(int)
+    column_y = defaultdict(lambda: 40)
     for key, node in api.items():
         info = object_info[node["class_type"]]
         inputs, widgets = [], []
@@ -72,15 +77,16 @@ def api_to_ui(api: Dict[str, Any], object_info: Dict[str, Any]) -> Dict[str, Any
             if link_id is not None or not optional:
                 inputs.append({"name": name, "type": kind, "link": link_id})
         col = node_depth(key)
+        size = list(NODE_SIZES.get(node["class_type"], DEFAULT_SIZE))
         nodes.append({
             "id": ids[key], "type": node["class_type"],
-            "pos": [40 + 360 * col, 40 + 320 * rows[col]], "size": [320, 260],
+            "pos": [40 + 440 * col, column_y[col]], "size": size,
             "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": [],
             "properties": {"Node name for S&R": node["class_type"]},
             "widgets_values": widgets, "title": node.get("_meta", {}).get("title", node["class_type"]),
             "_api_key": key,
         })
-        rows[col] += 1
+        column_y[col] += size[1] + 60
     # fix input slot indices in links (inputs list holds only link inputs) and add outputs
     for node in nodes:
         key = node.pop("_api_key")

@@ -195,6 +195,7 @@ class ComfyServer:
 
     ``models`` maps a model folder type to files that are linked into it. ``custom_node`` is
     the folder installed under ``custom_nodes/`` (default: this repository; None for none).
+    ``cpu=False`` lets ComfyUI pick its device (a GPU when it has one) instead of ``--cpu``.
     """
 
     def __init__(self, models: Mapping[str, list[Path | str]] | None = None, *,
@@ -204,7 +205,8 @@ class ComfyServer:
                  startup_timeout: float = 120.0,
                  threads: int = 1,
                  extra_args: list[str] | None = None,
-                 keep_base_dir: bool = False):
+                 keep_base_dir: bool = False,
+                 cpu: bool = True):
         self.comfy_path = Path(comfy_path) if comfy_path else comfyui_path()
         self.models = {k: [Path(p) for p in v] for k, v in (models or {}).items()}
         self.custom_node = Path(custom_node) if custom_node is not None else None
@@ -213,6 +215,7 @@ class ComfyServer:
         self.threads = threads
         self.extra_args = list(extra_args or [])
         self.keep_base_dir = keep_base_dir
+        self.cpu = cpu
         self.client_id = uuid.uuid4().hex
         self.port: int | None = None
         self.base_dir: Path | None = None
@@ -277,7 +280,8 @@ class ComfyServer:
             path_args = self._lay_out_base_dir()
             self.port = free_port()
             cmd = [sys.executable, str(self.comfy_path / "main.py"),
-                   "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                   *(["--cpu"] if self.cpu else []),
+                   "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--disable-api-nodes",
                    "--preview-method", "none", *path_args, *self.extra_args]
             env = dict(os.environ)

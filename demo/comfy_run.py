@@ -27,6 +27,8 @@ import re
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -292,12 +294,35 @@ def describe_rejection(message: str) -> str:
     return "\n  ".join(lines) or message
 
 
+def queue_whole(server, prompt: dict) -> str:
+    """Queue ``prompt``; refuse it if any node failed validation.
+
+    ComfyUI runs the outputs that did validate and only lists the others in ``node_errors``
+    (a 200 answer), so a bad DNO input would otherwise quietly run just the plain branch.
+    """
+    request = urllib.request.Request(
+        server.url + "/prompt", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"prompt": prompt, "client_id": server.client_id}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = err.read().decode(errors="replace")
+        raise ComfyRunError("ComfyUI rejected the workflow:\n  " + describe_rejection(body)) from None
+    if answer.get("node_errors"):
+        raise ComfyRunError("ComfyUI rejected part of the workflow:\n  " + describe_rejection(json.dumps(answer)))
+    return answer["prompt_id"]
+
+
 def describe_failure(entry: dict) -> str:
     """The node error of a prompt that failed while executing."""
     for kind, data in entry.get("status", {}).get("messages", []):
         if kind == "execution_error":
+            hint = ("\n  (is --checkpoint a complete model checkpoint ComfyUI can load, e.g. an SD1.5 "
+                    "single-file .safetensors?)" if data.get("node_type") == "CheckpointLoaderSimple" else "")
             return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                    f"{data.get('exception_type', 'Error')}: {str(data.get('exception_message', '')).strip()}")
+                    f"{data.get('exception_type', 'Error')}: {str(data.get('exception_message', '')).strip()}"
+                    + hint)
         if kind == "execution_interrupted":
             return f"the prompt was interrupted at node {data.get('node_id')} ({data.get('node_type')})"
     return f"the prompt ended with status {entry.get('status', {}).get('status_str')!r}"
@@ -442,10 +467,7 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
             shutil.copy2(Path(opts.image).expanduser(), server.input_dir / image_name)
         echo(f"server up on {server.url}; queueing the workflow")
         mark = len(server.log())
-        try:
-            prompt_id = server.queue(prompt)
-        except harness.ComfyHostError as err:
-            raise ComfyRunError("ComfyUI rejected the workflow:\n  " + describe_rejection(str(err))) from None
+        prompt_id = queue_whole(server, prompt)
         entry, log = follow(server, prompt_id, mark, opts.timeout, on_line=echo)
         if entry["status"]["status_str"] != "success":
             raise ComfyRunError(describe_failure(entry))

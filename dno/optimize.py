@@ -48,6 +48,10 @@ class DNOConfig:
     # "blocks" recomputes every step and checkpoints the model's blocks inside it (least memory).
     checkpoint: Union[bool, int, str] = "auto"
     memory_budget_gb: Optional[float] = None  # "auto": cap on allocated GPU memory; None = what is free
+    # Run the denoiser and decoder under autocast. A host whose model already computes in bf16/fp16
+    # (ComfyUI) turns it off: autocast would upcast its norms and softmax to fp32 (slower, more
+    # memory). The reward always runs under autocast.
+    autocast_sampler: bool = True
     mu: float = 0.01                      # perturbation scale of the zeroth-order / hybrid estimators
     q: int = 16                           # perturbed samples per image per step
     estimator_batch: int = 4              # perturbed copies of the batch rendered at once
@@ -204,12 +208,15 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
             image = decode(out)
         return out, image
 
+    def sampler_autocast():
+        return autocast(config.precision if config.autocast_sampler else "fp32", device)
+
     def score(images: torch.Tensor) -> torch.Tensor:
         times = images.shape[0] // batch
         return checked_reward(reward, images, tile_prompts(prompts, times), images.shape[0])
 
     def render_only(current: DNONoise) -> torch.Tensor:
-        with autocast(config.precision, device):
+        with sampler_autocast():
             return render(current)[1]
 
     history: List[StepRecord] = []
@@ -231,10 +238,12 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
             graph = not last and method in ("autograd", "hybrid")
-            with torch.set_grad_enabled(graph), autocast(config.precision, device):
+            with torch.set_grad_enabled(graph):
                 current = params.assemble()
-                out, image = render(current, graph=graph)
-                value = score(image)
+                with sampler_autocast():
+                    out, image = render(current, graph=graph)
+                with autocast(config.precision, device):
+                    value = score(image)
             rendered += batch
             reward_now = value.detach()
             finite = bool(torch.isfinite(reward_now).all())
@@ -337,7 +346,7 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     z = None if noise.steps is None else noise.steps[first].detach()
     with torch.no_grad():
         x = schedule.start(sig[0], noise.x_T.detach(), latent, full_denoise)
-    with autocast(config.precision, device):
+    with autocast(config.precision if config.autocast_sampler else "fp32", device):
         step = activation_bytes(lambda v: denoise_step(denoiser, schedule, eta, sig[first], sig[first + 1],
                                                        v, z), x)
         decoded = activation_bytes(decode, x)

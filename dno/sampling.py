@@ -92,6 +92,9 @@ def stored_steps(window: int, checkpoint: Union[bool, int]) -> int:
     steps), ``False`` stores all, an int n stores n steps and recomputes the
     rest: the memory-aware middle ground.
     """
+    if isinstance(checkpoint, str):
+        raise DNOError(f"sample() takes checkpoint=True, False or a number of stored steps, got "
+                       f"{checkpoint!r}; 'auto' and 'blocks' are resolved by dno.optimize")
     if checkpoint is True:
         return 0
     if checkpoint is False:

@@ -1,0 +1,92 @@
+"""Memory-aware checkpointing: store as many sampling steps as a memory budget allows.
+
+Exact gradients through S sampling steps need each step's activations in the
+backward pass. Storing them all is fastest (forward + backward) but costs S
+times one step's activations; recomputing them (per-step checkpointing) costs
+one extra forward. ``checkpoint="auto"`` measures one step's activations and
+one decode's on the device, then stores as many steps as fit into the budget
+and recomputes the rest. When not even full recomputation fits, the model's
+blocks are checkpointed inside each recomputed step as well (see
+``checkpointing.py``): slowest, smallest.
+
+The budget is a cap on the memory the framework allocates on the device (what
+``torch.cuda.max_memory_allocated`` reports), in bytes here and in GiB in
+:class:`dno.optimize.DNOConfig`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+GIB = 1024 ** 3
+# Left free of the device's memory when the user sets no budget: the host's
+# own bookkeeping (ComfyUI splits the CFG batch when little memory is free)
+# and the allocator's fragmentation need some room.
+DEFAULT_RESERVE_FRACTION = 0.1
+MIN_RESERVE_BYTES = 2 * GIB
+
+
+@dataclass
+class MemoryPlan:
+    stored_steps: int          # window steps that keep their activations
+    block_checkpointing: bool  # also checkpoint the model's blocks inside recomputed steps
+    step_bytes: int            # activations of one stored sampling step
+    decode_bytes: int          # activations of one decode
+    in_use_bytes: int          # allocated when the plan was made (weights, noise, ...)
+    budget_bytes: int
+
+    def describe(self) -> str:
+        return (f"store {self.stored_steps} steps of {self.step_bytes / GIB:.2f} GiB, "
+                f"{'block' if self.block_checkpointing else 'step'} checkpointing for the rest; "
+                f"{self.in_use_bytes / GIB:.2f} GiB in use, budget {self.budget_bytes / GIB:.2f} GiB")
+
+
+def plan_stored_steps(budget_bytes: int, in_use_bytes: int, step_bytes: int, decode_bytes: int,
+                      window: int, can_checkpoint_blocks: bool = False) -> MemoryPlan:
+    """How many of ``window`` steps keep activations within ``budget_bytes``.
+
+    Recomputing one step (or the decode) during the backward pass briefly
+    needs about twice its stored activations (the activations plus their
+    gradients), so that much is held back before stored steps are counted.
+    """
+    window = max(0, int(window))
+    transient = 2 * max(int(step_bytes), int(decode_bytes))
+    room = int(budget_bytes) - int(in_use_bytes) - transient
+    if step_bytes <= 0:
+        stored = window
+    else:
+        stored = max(0, min(window, room // int(step_bytes)))
+    blocks = bool(can_checkpoint_blocks) and room < 0
+    return MemoryPlan(stored, blocks, int(step_bytes), int(decode_bytes), int(in_use_bytes),
+                      int(budget_bytes))
+
+
+def default_budget_bytes(device: torch.device) -> Optional[int]:
+    """What the framework can still allocate on ``device``, less a reserve; None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached_unused = torch.cuda.memory_reserved(device) - allocated
+    reserve = max(MIN_RESERVE_BYTES, int(DEFAULT_RESERVE_FRACTION * total))
+    return max(0, allocated + cached_unused + free - reserve)
+
+
+def activation_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
+    """Bytes that ``fn(x)`` keeps alive for its backward pass (CUDA only; 0 elsewhere).
+
+    Runs ``fn`` once with autograd on and ``x`` as a leaf, reads the
+    allocator's counter with the output still alive, and frees everything.
+    """
+    if x.device.type != "cuda":
+        return 0
+    leaf = x.detach().requires_grad_(True)
+    before = torch.cuda.memory_allocated(x.device)
+    with torch.enable_grad():
+        out = fn(leaf)
+        kept = torch.cuda.memory_allocated(x.device) - before
+    del out, leaf
+    return max(0, int(kept))

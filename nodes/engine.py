@@ -8,6 +8,7 @@ the all-in-one DNO KSampler node drives as well.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -91,10 +92,11 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
                 denoiser = HostDenoiser(model_wrap, sig, extra_args, x_T, latent, mask)
                 decode = vae_decoder(s.vae, base_model.process_latent_out)
+                config = sampler_config(s.config, base_model)
                 self._move_reward(x_T.device)
                 result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,
                                   eta=s.eta, prompts=s.prompts, latent=latent,
-                                  full_denoise=self.max_denoise(model_wrap, sigmas), config=s.config,
+                                  full_denoise=self.max_denoise(model_wrap, sigmas), config=config,
                                   regularizer=s.regularizer, callback=reporter)
         except comfy.model_management.InterruptProcessingException as error:
             # Cancel ends the optimisation, not the graph: ComfyUI's layers raise
@@ -131,6 +133,17 @@ class DNOHostSampler(comfy.samplers.Sampler):
             prepare(device)
         elif isinstance(reward, torch.nn.Module):
             reward.to(device)
+
+
+def sampler_config(config: DNOConfig, base_model) -> DNOConfig:
+    """The run's config with autocast off for the sampler when the host model already computes
+    in the requested low precision (its weights' dtype, or its manual-cast dtype): ComfyUI then
+    runs it as in plain generation, and autocast would only add fp32 upcasts."""
+    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    computes = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+    if wanted is None or computes != wanted:
+        return config
+    return dataclasses.replace(config, autocast_sampler=False)
 
 
 def run_ksampler(model, positive, negative, latent, settings: DNORunSettings, seed: int, steps: int,

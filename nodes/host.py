@@ -95,6 +95,33 @@ class HostSchedule(NoiseSchedule):
         return self.model_sampling.inverse_noise_scaling(torch.tensor(sigma, device=x.device, dtype=x.dtype), x)
 
 
+def model_blocks(diffusion_model: torch.nn.Module) -> list:
+    """The diffusion model's top-level blocks, for block checkpointing in the lowest-memory mode:
+    a UNet's input, middle and output blocks; a DiT's block lists (MMDiT, Flux, ...)."""
+    blocks = []
+    for name, child in diffusion_model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            blocks.extend(child)
+        elif name == "middle_block":
+            blocks.append(child)
+    return blocks
+
+
+def decoder_blocks(first_stage_model: torch.nn.Module) -> list:
+    """The KL-VAE decoder's resnet/attention blocks and upsamplers (empty for other VAEs)."""
+    decoder = getattr(first_stage_model, "decoder", None)
+    blocks = []
+    mid = getattr(decoder, "mid", None)
+    if mid is not None:
+        blocks.extend(mid.children())
+    for level in getattr(decoder, "up", None) or []:
+        blocks.extend(getattr(level, "block", []))
+        blocks.extend(getattr(level, "attn", []))
+        if hasattr(level, "upsample"):
+            blocks.append(level.upsample)
+    return blocks
+
+
 class HostDenoiser:
     """``denoiser(x, sigma) -> x0`` over the host guider (CFG, patches, inpainting masks).
 
@@ -103,6 +130,8 @@ class HostDenoiser:
     """
 
     def __init__(self, model_wrap, sigmas, extra_args, noise, latent_image, denoise_mask):
+        diffusion_model = getattr(model_wrap.inner_model, "diffusion_model", None)
+        self.checkpoint_segments = [] if diffusion_model is None else model_blocks(diffusion_model)
         self.model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         self.model_k.latent_image = latent_image
         self.model_k.noise = noise
@@ -149,6 +178,7 @@ def vae_decoder(vae, process_latent_out):
         if image.dim() != 4:
             raise DNOError(f"the VAE decoded a {image.dim()}-D tensor; DNO supports image VAEs (4-D output)")
         return image
+    decode.checkpoint_segments = decoder_blocks(vae.first_stage_model)
     return decode
 
 

@@ -1,0 +1,54 @@
+"""Import ComfyUI in-process for the benchmark, on the GPU (or the CPU with ``cpu=True``).
+
+The tests' harness (tests/comfy_host.py) forces the CPU; the benchmark needs
+ComfyUI's own device choice. ``comfy.cli_args.args`` must be set before
+``comfy.model_management`` is imported, so this is the first ComfyUI import.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_COMFYUI = REPO_ROOT / ".cache" / "comfyui"
+PACKAGE = "comfyui_dno"
+
+
+def comfyui_root() -> Path:
+    root = Path(os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI).resolve()
+    if not (root / "comfy").is_dir():
+        raise SystemExit(f"no ComfyUI checkout at {root}: run the tests once on this machine to fetch "
+                         "ComfyUI 0.3.75 into .cache/comfyui, or set COMFYUI_PATH")
+    return root
+
+
+def import_comfy(cpu: bool = False):
+    """Make ``comfy`` importable and pick its device (CUDA unless ``cpu``)."""
+    root = comfyui_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options  # noqa: F401  (keeps ComfyUI from parsing our argv)
+    from comfy.cli_args import args
+    if "comfy.model_management" in sys.modules:
+        import comfy.model_management as mm
+        if (mm.cpu_state == mm.CPUState.CPU) != cpu:
+            raise SystemExit("comfy.model_management was imported before with another device choice")
+    else:
+        args.cpu = cpu
+    import comfy.model_management  # noqa: F401
+    import comfy
+    return comfy
+
+
+def load_node_pack():
+    """This repository as ComfyUI loads a custom node: a package named ``comfyui_dno``."""
+    if PACKAGE in sys.modules:
+        return sys.modules[PACKAGE]
+    spec = importlib.util.spec_from_file_location(PACKAGE, REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,258 @@
+"""DNO speed and memory benchmark through ComfyUI's own code path.
+
+For each model (SD1.5 512², SDXL 1024²) and configuration ``precision:mode``
+it measures, in one process:
+
+* a plain generation with ComfyUI's own sampler (``comfy.sample.sample``,
+  euler_ancestral = DDIM eta 1, the same sampler family DNO differentiates),
+  same steps, CFG and scheduler, plus one VAE decode;
+* DNO through the node pack's real path (``nodes.engine.run_ksampler``:
+  CFGGuider, ModelPatcher, the DNO host sampler, differentiable VAE decode)
+  with the regulariser on: the median time of one optimisation step after a
+  warm-up step, and the peak GPU memory (``torch.cuda.max_memory_allocated``);
+* the memory allocated before and after each run (a second run must start
+  from the same baseline).
+
+Modes: ``auto`` (store as many steps as fit; ``auto=<GiB>`` with a budget),
+``step`` (recompute every step), ``blocks`` (recompute every step and
+checkpoint the model's blocks inside it: least memory), ``store`` (store all).
+
+One JSON line per configuration goes to stdout and to ``--out``. The reward
+is the mean brightness of the decoded image: cheap and differentiable, so
+the numbers are the sampler's and the VAE's, not a reward model's.
+
+    python bench/run.py --model sd15 --configs bf16:auto,bf16:step --out bench/results/x.jsonl
+    python bench/run.py --model sd15 --tiny --device cpu --steps 4 --opt-steps 3   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_env import import_comfy, load_node_pack  # noqa: E402
+
+GIB = 1024 ** 3
+CFG = 5.0
+SAMPLER = "euler_ancestral"   # DDIM eta=1 in sigma space is exactly this sampler for VP models
+SCHEDULER = "normal"
+
+
+class Brightness(torch.nn.Module):
+    """Mean brightness: a cheap differentiable stand-in for a reward model."""
+    name = "brightness"
+    differentiable = True
+
+    def forward(self, images, prompts=None):
+        return images.float().mean(dim=(1, 2, 3))
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
+
+
+def parse_mode(mode: str):
+    """'auto' | 'auto=<GiB>' | 'step' | 'blocks' | 'store' -> (checkpoint, budget GiB)."""
+    if mode == "auto":
+        return "auto", None
+    if mode.startswith("auto="):
+        return "auto", float(mode.split("=", 1)[1])
+    return {"step": (True, None), "blocks": ("blocks", None), "store": (False, None)}[mode]
+
+
+def plain_generation(bench, steps: int, seed: int, device, repeats: int) -> dict:
+    """ComfyUI's own sampler and VAE decode, as KSampler + VAEDecode run them (inference mode)."""
+    import comfy.sample
+    latent = torch.zeros(1, 4, bench.height // 8, bench.width // 8)
+    sampling, decoding = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):          # the first run warms up
+            noise = comfy.sample.prepare_noise(latent, seed)
+            sync(device)
+            t0 = time.perf_counter()
+            samples = comfy.sample.sample(bench.model, noise, steps, CFG, SAMPLER, SCHEDULER, bench.positive,
+                                          bench.negative, latent, denoise=1.0, seed=seed, disable_pbar=True)
+            sync(device)
+            t1 = time.perf_counter()
+            images = bench.vae.decode(samples)
+            sync(device)
+            t2 = time.perf_counter()
+            sampling.append(t1 - t0)
+            decoding.append(t2 - t1)
+        finite = bool(torch.isfinite(samples).all() and torch.isfinite(images).all())
+    s, d = statistics.median(sampling[1:]), statistics.median(decoding[1:])
+    return {"plain_sampling_s": round(s, 4), "plain_decode_s": round(d, 4),
+            "plain_generation_s": round(s + d, 4), "plain_finite": finite}
+
+
+def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, seed: int, device,
+            profile_to: str = None) -> dict:
+    """One DNO run through the node pack's KSampler path; step times from its history."""
+    engine = sys.modules[pack.__name__ + ".nodes.engine"]
+    dno = sys.modules[pack.__name__ + ".dno"]
+    checkpoint, budget = parse_mode(mode)
+    config = dno.DNOConfig(steps=opt_steps, lr=0.01, method="autograd", precision=precision,
+                           checkpoint=checkpoint, memory_budget_gb=budget)
+    settings = engine.DNORunSettings(reward=Brightness(), vae=bench.vae, config=config, eta=1.0,
+                                     regularizer=dno.ProbabilityRegularizer(gamma=1.0, k=1, permutations=16),
+                                     preview_every=0)
+    latent = {"samples": torch.zeros(1, 4, bench.height // 8, bench.width // 8)}
+    gc.collect()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = allocated(device)
+    profiler = None
+    if profile_to:
+        from torch.profiler import ProfilerActivity, profile
+        profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+        profiler.__enter__()
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        _, sampler = engine.run_ksampler(bench.model, bench.positive, bench.negative, latent, settings, seed,
+                                         steps, CFG, SCHEDULER, 1.0)
+    sync(device)
+    wall = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        write_profile(profiler, profile_to, wall, cuda)
+    result = sampler.result
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    del sampler
+    gc.collect()
+    after = allocated(device)
+    elapsed = [h.elapsed for h in result.history]
+    intervals = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    # interval k = backward of sample k + update + graph render of sample k+1; the first one
+    # warms up, the last one renders without a graph (the final scoring): both left out.
+    timed = intervals[1:-1]
+    warm_inclusive = not timed and bool(intervals[:-1])
+    if warm_inclusive:     # a 2-update run: its only full step includes the warm-up
+        timed = intervals[:1]
+    rewards = [h.reward[0] for h in result.history]
+    plan = result.memory_plan
+    return {
+        "checkpoint": str(checkpoint), "memory_budget_gb": budget,
+        "sampler_autocast": engine.sampler_config(config, bench.model.model).autocast_sampler,
+        "plan": None if plan is None else {"stored_steps": plan.stored_steps,
+                                           "block_checkpointing": plan.block_checkpointing,
+                                           "step_gib": round(plan.step_bytes / GIB, 3),
+                                           "decode_gib": round(plan.decode_bytes / GIB, 3),
+                                           "in_use_gib": round(plan.in_use_bytes / GIB, 3),
+                                           "budget_gib": round(plan.budget_bytes / GIB, 3)},
+        "opt_steps": opt_steps, "dno_step_s": round(statistics.median(timed), 4) if timed else None,
+        "step_time_includes_warmup": warm_inclusive,
+        "dno_step_s_all": [round(t, 4) for t in intervals], "dno_wall_s": round(wall, 3),
+        "peak_gib": round(peak / GIB, 3), "allocated_before_gib": round(before / GIB, 3),
+        "allocated_after_gib": round(after / GIB, 3),
+        "released": abs(after - before) < 64 * 1024 ** 2,
+        "reward_first": rewards[0], "reward_last": rewards[-1], "stop_reason": result.stop_reason,
+        "finite": all(map(lambda r: r == r and abs(r) != float("inf"), rewards)),
+    }
+
+
+def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:
+    """Top operators by device (or CPU) time, and how busy the GPU was over the run."""
+    averages = profiler.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = averages.table(sort_by=key, row_limit=40, max_name_column_width=60)
+    busy = None
+    if cuda:
+        kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
+        busy = kernel_us / 1e6 / wall
+    with open(path, "w") as f:
+        f.write(f"wall {wall:.3f} s; GPU kernel time / wall = {busy}\n{table}\n")
+    print(f"profile: wall {wall:.3f} s, GPU busy fraction {busy}", flush=True)
+    print(table[:3500], flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("sd15", "sdxl"), required=True)
+    ap.add_argument("--configs", default="bf16:auto,fp16:auto,fp32:auto,bf16:step,fp16:step",
+                    help="comma-separated precision:mode[@updates] (modes: auto, auto=<GiB>, step, blocks, store)")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ap.add_argument("--opt-steps", type=int, default=5, help="DNO updates per run (timed: all but first and last)")
+    ap.add_argument("--opt-steps-fp32", type=int, default=3)
+    ap.add_argument("--plain-repeats", type=int, default=2)
+    ap.add_argument("--profile", default="", help="precision:mode to profile with torch.profiler")
+    ap.add_argument("--profile-out", default="profile.txt")
+    ap.add_argument("--tiny", action="store_true", help="tiny UNet, 64x64 images (CPU smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    import_comfy(cpu=args.device == "cpu")
+    pack = load_node_pack()
+    from models import build
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    configs = [c.split(":", 1) for c in args.configs.split(",") if c]
+    command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    out = open(args.out, "a") if args.out else None
+    for precision in dict.fromkeys(p for p, _ in configs):
+        bench = build(args.model, precision, device, tiny=args.tiny)
+        plain = plain_generation(bench, args.steps, args.seed, device, args.plain_repeats)
+        print(json.dumps({"model": args.model, "precision": precision, **plain}), flush=True)
+        runs = [m for p, m in configs if p == precision]
+        if args.profile and args.profile.split(":")[0] == precision:
+            runs.append("profile")
+        for mode in runs:
+            profiling = mode == "profile"
+            if profiling:
+                mode = args.profile.split(":", 1)[1]
+            opt_steps = args.opt_steps_fp32 if precision == "fp32" else args.opt_steps
+            if "@" in mode:        # precision:mode@updates overrides the number of updates
+                mode, updates = mode.split("@")
+                opt_steps = int(updates)
+            try:
+                record = dno_run(pack, bench, precision, mode, args.steps, 2 if profiling else opt_steps,
+                                 args.seed, device, args.profile_out if profiling else None)
+            except torch.cuda.OutOfMemoryError as error:
+                record = {"error": f"out of memory: {str(error)[:200]}"}
+            except Exception as error:  # keep measuring the other configurations
+                record = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+            if profiling:
+                continue
+            record = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
+                      "model": args.model, "tiny": args.tiny, "resolution": bench.width, "steps": args.steps,
+                      "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
+                      "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",
+                      "precision": precision, "mode": mode, **plain, **record}
+            if record.get("dno_step_s"):
+                record["ratio_to_plain"] = round(record["dno_step_s"] / plain["plain_generation_s"], 3)
+            record["command"] = command
+            line = json.dumps(record)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+        del bench
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if out:
+        out.close()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")) if "--device" in sys.argv and "cpu" in sys.argv
+                          else torch.get_num_threads())
+    main()

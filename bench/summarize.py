@@ -1,0 +1,39 @@
+"""Print a markdown table of benchmark JSON lines: python bench/summarize.py FILE.jsonl ..."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(paths):
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{") and '"mode"' in line:
+                    yield json.loads(line)
+
+
+def fmt(v, spec="{:.2f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def main(paths) -> None:
+    print("| model | precision | mode | plain gen s | DNO step s | ratio | peak GiB | stored steps | released |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows(paths):
+        if "error" in r:
+            print(f"| {r['model']} | {r['precision']} | {r['mode']} | {fmt(r.get('plain_generation_s'))} "
+                  f"| {r['error'][:60]} | | | | |")
+            continue
+        plan = r.get("plan") or {}
+        stored = plan.get("stored_steps", "-")
+        if plan.get("block_checkpointing"):
+            stored = f"{stored} + blocks"
+        print(f"| {r['model']} {r['resolution']}² | {r['precision']} | {r['mode']} | {fmt(r['plain_generation_s'])} "
+              f"| {fmt(r['dno_step_s'])} | {fmt(r.get('ratio_to_plain'))} | {fmt(r['peak_gib'])} | {stored} "
+              f"| {r['released']} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,214 @@
+"""Memory-aware checkpointing, block checkpointing and the GPU path of the benchmark.
+
+The planner and the block checkpointing run on the CPU too; the tests marked
+``gpu`` need CUDA (the conftest skips them elsewhere) and run on the GPU machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dno import DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, VP, optimize, sample
+from dno.checkpointing import checkpointed_blocks
+from dno.memory import GIB, plan_stored_steps
+from toy_models import vp_sigmas
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BlockDenoiser(nn.Module):
+    """A small EPS denoiser made of blocks it offers for block checkpointing."""
+
+    def __init__(self, channels=4, hidden=16, depth=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList(
+            [nn.Conv2d(channels, hidden, 3, padding=1)]
+            + [nn.Conv2d(hidden, hidden, 3, padding=1) for _ in range(depth - 2)]
+            + [nn.Conv2d(hidden, channels, 3, padding=1)])
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.checkpoint_segments = list(self.blocks)
+        self.block_calls = 0
+        for block in self.blocks:
+            block.forward = self._counted(block.forward)
+
+    def _counted(self, forward):
+        # counts every evaluation, including checkpoint recomputations (which bypass hooks)
+        def run(*args):
+            self.block_calls += 1
+            return forward(*args)
+        return run
+
+    def forward(self, x, sigma):
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        h = x / torch.sqrt(s * s + 1)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i < len(self.blocks) - 1:
+                h = torch.tanh(h)
+        return x - s * h
+
+
+class Brightness(nn.Module):
+    name = "brightness"
+    differentiable = True
+
+    def forward(self, images, prompts=None):
+        return images.float().mean(dim=(1, 2, 3))
+
+
+def decode(z):
+    return torch.sigmoid(z[:, :3])
+
+
+def noise_for(sigmas, device="cpu", seed=0):
+    return DNONoise.from_seed((1, 4, 8, 8), len(sigmas) - 1, seed=seed, sde=True, device=device)
+
+
+# --------------------------------------------------------------------------- planner (CPU)
+
+def test_plan_keeps_what_fits_after_the_recompute_reserve():
+    plan = plan_stored_steps(budget_bytes=10 * GIB, in_use_bytes=2 * GIB, step_bytes=GIB,
+                             decode_bytes=GIB // 2, window=50)
+    # 10 - 2 in use - 2 x 1 GiB for recomputing one step during backward = 6 steps
+    assert (plan.stored_steps, plan.block_checkpointing) == (6, False)
+    assert plan_stored_steps(100 * GIB, 0, GIB, 0, window=20).stored_steps == 20
+
+
+def test_plan_falls_back_to_block_checkpointing_only_when_nothing_fits():
+    tight = plan_stored_steps(3 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
+    assert (tight.stored_steps, tight.block_checkpointing) == (0, True)
+    no_blocks = plan_stored_steps(3 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=False)
+    assert (no_blocks.stored_steps, no_blocks.block_checkpointing) == (0, False)
+    roomy = plan_stored_steps(5 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
+    assert (roomy.stored_steps, roomy.block_checkpointing) == (1, False)
+
+
+@pytest.mark.parametrize("bad", ["fast", -1, 1.5])
+def test_bad_checkpoint_setting_is_refused(bad):
+    with pytest.raises(DNOError, match="checkpoint"):
+        DNOConfig(checkpoint=bad).validate()
+    with pytest.raises(DNOError, match="memory_budget_gb"):
+        DNOConfig(memory_budget_gb=0).validate()
+
+
+# --------------------------------------------------------------------------- block checkpointing (CPU)
+
+def test_block_checkpointing_gives_the_same_gradient_and_recomputes_blocks():
+    sigmas = vp_sigmas(6)
+    den = BlockDenoiser()
+
+    def grads(blocks: bool):
+        nz = noise_for(sigmas)
+        x_T = nz.x_T.clone().requires_grad_(True)
+        steps = nz.steps.clone().requires_grad_(True)
+        den.block_calls = 0
+        with checkpointed_blocks(den.checkpoint_segments if blocks else []):
+            out = sample(den, DNONoise(x_T, steps), sigmas, VP, eta=1.0, checkpoint=True)
+            out.pow(2).mean().backward()
+        return x_T.grad, steps.grad, den.block_calls
+
+    own_forward = den.blocks[0].__dict__["forward"]
+    gx, gs, calls_plain = grads(False)
+    bx, bs, calls_blocks = grads(True)
+    torch.testing.assert_close(bx, gx, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bs, gs, rtol=1e-6, atol=1e-7)
+    # 6 steps x 3 blocks: forward + step recompute = 36 calls; blocks add one more recompute
+    assert calls_plain == 36 and calls_blocks == 54
+    # the patch is gone afterwards, the module's own forward is back
+    assert den.blocks[0].__dict__["forward"] is own_forward
+
+
+def test_optimize_blocks_mode_matches_per_step_checkpointing():
+    sigmas = vp_sigmas(5)
+    results = {}
+    for mode in (True, False, 2, "blocks", "auto"):
+        den = BlockDenoiser()
+        res = optimize(den, sigmas, Brightness(), decode, noise_for(sigmas), VP, eta=1.0,
+                       config=DNOConfig(steps=2, lr=0.05, checkpoint=mode),
+                       regularizer=ProbabilityRegularizer(gamma=1.0, k=1, permutations=4))
+        results[mode] = res
+    ref = results[True]
+    for mode, res in results.items():
+        torch.testing.assert_close(res.noise.x_T, ref.noise.x_T, rtol=1e-5, atol=1e-6)
+        assert [h.reward[0] for h in res.history] == pytest.approx([h.reward[0] for h in ref.history], rel=1e-5)
+    assert ref.history[-1].reward[0] > ref.history[0].reward[0]
+
+
+# --------------------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_cuda_run_is_finite_improves_and_releases_memory(precision):
+    device = torch.device("cuda")
+    sigmas = vp_sigmas(10)
+    den = BlockDenoiser().to(device)
+    # a first run creates the library workspaces (cuBLAS, cuDNN) that stay for the process
+    optimize(den, sigmas, Brightness(), decode, noise_for(sigmas, device), VP, eta=1.0,
+             config=DNOConfig(steps=1, precision=precision))
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated(device)
+    rewards = []
+    for _ in range(2):   # a second run starts from the same baseline
+        res = optimize(den, sigmas, Brightness(), decode, noise_for(sigmas, device), VP, eta=1.0,
+                       config=DNOConfig(steps=3, lr=0.05, precision=precision, checkpoint="auto"),
+                       regularizer=ProbabilityRegularizer(gamma=1.0, k=1, permutations=8))
+        rewards.append([h.reward[0] for h in res.history])
+        assert res.memory_plan is not None and res.memory_plan.stored_steps == 10
+        del res
+        assert torch.cuda.memory_allocated(device) == baseline
+    assert all(torch.isfinite(torch.tensor(r)).all() for r in rewards)
+    assert rewards[0][-1] > rewards[0][0]
+    assert rewards[0] == pytest.approx(rewards[1], rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_budget_caps_the_stored_steps_and_the_peak():
+    device = torch.device("cuda")
+    sigmas = vp_sigmas(20)
+    den = BlockDenoiser(hidden=64).to(device)
+    nz = DNONoise.from_seed((2, 4, 128, 128), 20, seed=0, sde=True, device=device)
+    full = optimize(den, sigmas, Brightness(), decode, nz, VP, 1.0,
+                    config=DNOConfig(steps=1, checkpoint="auto"))
+    step = full.memory_plan.step_bytes
+    in_use = torch.cuda.memory_allocated(device)
+    budget = in_use + 2 * step + 5 * step + step // 2     # room for the reserve and 5 steps
+    torch.cuda.reset_peak_memory_stats(device)
+    capped = optimize(den, sigmas, Brightness(), decode, nz, VP, 1.0,
+                      config=DNOConfig(steps=1, checkpoint="auto", memory_budget_gb=budget / GIB))
+    assert full.memory_plan.stored_steps == 20
+    assert capped.memory_plan.stored_steps == 5
+    assert torch.cuda.max_memory_allocated(device) <= budget
+    torch.testing.assert_close(capped.noise.x_T, full.noise.x_T)
+
+
+@pytest.mark.gpu
+def test_comfyui_path_on_cuda_through_the_benchmark(tmp_path):
+    """The node pack's KSampler path on CUDA with ComfyUI's own SD1.5/SDXL classes (tiny UNets)."""
+    out = tmp_path / "bench.jsonl"
+    for model in ("sd15", "sdxl"):
+        cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--model", model, "--tiny",
+               "--device", "cuda", "--steps", "8", "--opt-steps", "3", "--plain-repeats", "1",
+               "--configs", "bf16:auto,fp16:step,bf16:blocks,fp32:auto", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 8
+    for r in records:
+        assert "error" not in r, r
+        assert r["finite"] and r["plain_finite"], r
+        assert r["released"], r
+        assert r["reward_last"] > r["reward_first"], r
+        assert r["peak_gib"] > 0
+    auto = [r for r in records if r["mode"] == "auto"]
+    assert all(r["plan"]["stored_steps"] == 8 for r in auto)

@@ -162,6 +162,7 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         "peak_gib": round(peak / GIB, 3), "allocated_before_gib": round(before / GIB, 3),
         "allocated_after_gib": round(after / GIB, 3),
         "released": abs(after - before) < 64 * 1024 ** 2,
+        "weight_grads_left": sum(p.grad is not None for p in bench.model.model.parameters()),
         "reward_first": rewards[0], "reward_last": rewards[-1], "stop_reason": result.stop_reason,
         "finite": all(map(lambda r: r == r and abs(r) != float("inf"), rewards)),
     }

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .checkpointing import checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
+from .frozen import frozen_parameters
 from .gradients import hybrid_gradient, zeroth_order_gradient
 from .memory import GIB, MemoryPlan, activation_bytes, default_budget_bytes, plan_stored_steps
 from .noise import DNONoise, TrainableNoise
@@ -234,6 +235,9 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     # Entered by hand around the loop: the blocks must stay patched through every backward pass.
     block_scope = checkpointed_blocks(segments)
     block_scope.__enter__()
+    # Gradients flow to the noise only: weights of module callables get none (see frozen.py).
+    weights_scope = frozen_parameters((denoiser, decode, reward))
+    weights_scope.__enter__()
     try:
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
@@ -327,6 +331,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)
+        weights_scope.__exit__(None, None, None)
         block_scope.__exit__(None, None, None)
     return result()
 

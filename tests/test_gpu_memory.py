@@ -212,3 +212,17 @@ def test_comfyui_path_on_cuda_through_the_benchmark(tmp_path):
         assert r["peak_gib"] > 0
     auto = [r for r in records if r["mode"] == "auto"]
     assert all(r["plan"]["stored_steps"] == 8 for r in auto)
+
+
+def test_weights_get_no_gradient_and_keep_their_flags():
+    """Only the noise is differentiated: a denoiser whose weights require grad gets no .grad
+    (no weight-gradient FLOPs, no stored layer inputs, no leftover memory), flags restored."""
+    sigmas = vp_sigmas(4)
+    den = BlockDenoiser()
+    den.blocks[0].weight.requires_grad_(False)      # a mixed module: this flag must stay off
+    res = optimize(den, sigmas, Brightness(), decode, noise_for(sigmas), VP, eta=1.0,
+                   config=DNOConfig(steps=2, lr=0.05))
+    assert res.history[-1].reward[0] != res.history[0].reward[0]     # the noise did move
+    assert all(p.grad is None for p in den.parameters())
+    assert not den.blocks[0].weight.requires_grad
+    assert all(p.requires_grad for name, p in den.named_parameters() if name != "blocks.0.weight")

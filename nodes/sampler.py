@@ -11,6 +11,8 @@ from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
 MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
 METHODS = ["auto", "autograd", "hybrid", "zeroth_order"]
 PRECISIONS = ["bf16", "fp16", "fp32"]
+MEMORY_MODES = {"auto": "auto", "low memory (recompute every step)": True,
+                "lowest memory (recompute blocks)": "blocks", "fastest (store every step)": False}
 
 
 def optimisation_inputs():
@@ -46,18 +48,28 @@ def optional_inputs():
         "grad_samples": ("INT", {"default": 16, "min": 1, "max": 1024,
                                  "tooltip": "Perturbed samples per step for hybrid/zeroth-order."}),
         "perturbation": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 1.0, "step": 0.001}),
+        "memory_mode": (list(MEMORY_MODES), {"tooltip": "auto: keep as many sampling steps in memory as "
+                                                        "the budget allows (fast on big cards, fits small "
+                                                        "ones); the others force one strategy."}),
+        "memory_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                       "tooltip": "GPU memory DNO may use in auto mode, GiB; "
+                                                  "0 = what is free on the card."}),
     }
 
 
 def settings_from(vae, reward, sampler_mode, opt_steps, lr, method, precision, time_budget, reward_prompt,
                   regularizer=None, target_reward=0.0, stop_at_target=False, opt_window=0, preview_every=5,
-                  grad_samples=16, perturbation=0.01, node_id=None) -> DNORunSettings:
+                  grad_samples=16, perturbation=0.01, memory_mode="auto", memory_budget_gb=0.0,
+                  node_id=None) -> DNORunSettings:
     if sampler_mode not in MODES:
         raise DNOError(f"sampler_mode must be one of {list(MODES)}, got {sampler_mode!r}")
+    if memory_mode not in MEMORY_MODES:
+        raise DNOError(f"memory_mode must be one of {list(MEMORY_MODES)}, got {memory_mode!r}")
     config = DNOConfig(steps=opt_steps, lr=lr, method=method, precision=precision,
                        time_budget=time_budget or None,
                        target_reward=target_reward if stop_at_target else None,
-                       window=opt_window or None, q=grad_samples, mu=perturbation)
+                       window=opt_window or None, q=grad_samples, mu=perturbation,
+                       checkpoint=MEMORY_MODES[memory_mode], memory_budget_gb=memory_budget_gb or None)
     config.validate()
     prompts = [reward_prompt] if reward_prompt.strip() else None
     return DNORunSettings(reward=reward, vae=vae, config=config, eta=MODES[sampler_mode],

@@ -1,0 +1,120 @@
+"""The demo's main job: DNO on the small shapes diffusion model, on the CPU, in about a minute.
+
+    python -m demo.run_dno                         # brightness, regularised, 4 samples
+    python -m demo.run_dno --gamma 0               # no regulariser: watch it reward-hack
+    python -m demo.run_dno --reward jpeg_incompressibility   # non-differentiable: hybrid estimator
+
+Writes ``<out>/before_after.png`` (top row unoptimised, bottom row optimised) and
+``<out>/reward_curve.png`` (mean and per-sample reward per DNO step), and prints
+the reward and the in-distribution measures before and after.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from demo.experiment import RunSummary, dno_run, make_reward
+
+# Settings that the acceptance test checks (tests/test_demo_alignment.py).
+DEFAULTS = {
+    "brightness": dict(steps=20, lr=0.01, gamma=10.0, mu=0.01, q=8),
+    "jpeg_incompressibility": dict(steps=12, lr=0.015, gamma=10.0, mu=0.05, q=8),
+}
+FALLBACK = dict(steps=20, lr=0.01, gamma=10.0, mu=0.05, q=8)
+
+
+def save_grid(before: torch.Tensor, after: torch.Tensor, path: Path, scale: int = 4) -> None:
+    import torchvision
+
+    images = torch.cat([before, after]).clamp(0, 1)
+    images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    torchvision.utils.save_image(images, str(path), nrow=before.shape[0], padding=2, pad_value=1.0)
+
+
+def save_curve(curve: List[List[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.tensor(curve)  # (steps+1, B)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for b in range(values.shape[1]):
+        ax.plot(values[:, b].numpy(), color="0.7", linewidth=0.8)
+    ax.plot(values.mean(dim=1).numpy(), color="C0", linewidth=2, label="mean")
+    ax.set_xlabel("DNO step")
+    ax.set_ylabel("reward")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(str(path))
+    plt.close(fig)
+
+
+def describe(summary: RunSummary) -> str:
+    def mean(t):
+        return float(t.float().mean())
+
+    return (f"reward {mean(summary.reward_before):.3f} -> {mean(summary.reward_after):.3f}   "
+            f"realism {mean(summary.realism_before):.3f} -> {mean(summary.realism_after):.3f}   "
+            f"denoise err {mean(summary.denoise_err_before):.4f} -> {mean(summary.denoise_err_after):.4f}   "
+            f"({summary.denoiser_evaluations_per_image:.0f} denoiser evals/image, {summary.seconds:.1f}s)")
+
+
+def main(argv: Sequence[str] = None) -> RunSummary:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reward", default="brightness",
+                        help="brightness | darkness | saturation | contrast | jpeg_incompressibility | "
+                             "jpeg_compressibility")
+    parser.add_argument("--gamma", type=float, default=None, help="regulariser weight (0 = off)")
+    parser.add_argument("--steps", type=int, default=None, help="DNO updates")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="first seed; one sample per seed")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--sampling-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    args = parser.parse_args(argv)
+    if args.samples < 1:
+        parser.error("--samples must be >= 1")
+    torch.set_num_threads(args.threads)
+
+    from tqdm import tqdm
+
+    from demo.model import load_denoiser
+    from demo.realism import load_classifier
+
+    settings = dict(DEFAULTS.get(args.reward, FALLBACK))
+    for key in ("gamma", "steps", "lr"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    reward = make_reward(args.reward)
+    denoiser, classifier = load_denoiser(), load_classifier()
+    seeds = list(range(args.seed, args.seed + args.samples))
+
+    bar = tqdm(total=settings["steps"] + 1, desc=f"DNO {args.reward}", unit="step")
+
+    def progress(info):
+        bar.set_postfix(reward=f"{float(info.reward.mean()):.3f}", best=f"{float(info.best_reward.mean()):.3f}")
+        bar.update(1)
+
+    summary = dno_run(denoiser, classifier, reward, seeds, gamma=settings["gamma"], steps=settings["steps"],
+                      lr=settings["lr"], sampling_steps=args.sampling_steps, q=settings["q"], mu=settings["mu"],
+                      permutations=8, callback=progress)
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_grid(summary.images_before, summary.images_after, args.out / "before_after.png")
+    title = f"{args.reward}, gamma={settings['gamma']}, lr={settings['lr']}, seeds {seeds[0]}..{seeds[-1]}"
+    save_curve(summary.reward_curve, args.out / "reward_curve.png", title)
+    print(describe(summary))
+    print(f"realism = classifier probability of 'uncorrupted dataset image' (dataset ~0.78, model samples ~0.6-0.7); "
+          f"denoise err = the model's own x0 error on the image (lower = more in distribution)")
+    print(f"wrote {args.out / 'before_after.png'} (top: unoptimised, bottom: DNO) and {args.out / 'reward_curve.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
     python -m demo.run_dno                         # brightness, regularised, 4 samples
     python -m demo.run_dno --gamma 0               # no regulariser: watch it reward-hack
     python -m demo.run_dno --reward jpeg_incompressibility   # non-differentiable: hybrid estimator
+    python -m demo.run_dno --checkpoint model.safetensors    # the example workflow on a real ComfyUI host
 
 Writes ``<out>/before_after.png`` (top row unoptimised, bottom row optimised) and
 ``<out>/reward_curve.png`` (mean and per-sample reward per DNO step), and prints
@@ -11,6 +12,7 @@ the reward and the in-distribution measures before and after.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Sequence
 
@@ -116,5 +118,16 @@ def main(argv: Sequence[str] = None) -> RunSummary:
     return summary
 
 
+def entry(argv: Sequence[str] = None) -> int:
+    """Command line: with ``--checkpoint`` the example workflow runs through a real ComfyUI
+    host (``demo.comfy_run``), otherwise DNO runs on the embedded shapes model."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv):
+        from . import comfy_run
+        return comfy_run.main(argv)
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -37,7 +37,13 @@ RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "demo" / "alignment_
 
 @pytest.fixture(scope="module")
 def models():
-    return load_denoiser(), load_classifier()
+    # The JPEG reward is discontinuous, so runs amplify float differences from the CPU's
+    # reduction order: pin the intra-op thread count so the numbers do not depend on which
+    # tests ran before (results per seed still vary with thread count; the claims must not).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield load_denoiser(), load_classifier()
+    torch.set_num_threads(threads)
 
 
 def _m(t: torch.Tensor) -> float:
@@ -112,8 +118,10 @@ def test_jpeg_size_hybrid_dno_hacks_without_regulariser_and_stays_in_distributio
     # JPEG size (kB at quality 95) rises substantially in 12 steps (samples are ~1.0 kB).
     assert _m(regular.reward_after) - before_reward >= 0.05, "regularised DNO should add >= 50 bytes"
     assert _m(hacked.reward_after) - before_reward >= 0.08, "unregularised DNO should add >= 80 bytes"
-    # Reward hacking (high-frequency noise): realism collapses to under half of the unoptimised.
-    assert _m(hacked.realism_after) <= 0.5 * before_realism, "gamma=0 should collapse realism (reward hacking)"
+    # Reward hacking (high-frequency noise): realism collapses to under half of the unoptimised in
+    # the typical seed (the median over seeds: in 12 steps one or two seeds may not hack yet).
+    assert float(hacked.realism_after.median()) <= 0.5 * before_realism, \
+        "gamma=0 should collapse realism (reward hacking)"
     # With the regulariser, realism stays within 0.25 of the unoptimised samples and far above gamma=0.
     assert _m(regular.realism_after) >= before_realism - 0.25, "regularised DNO left the distribution"
     assert _m(regular.realism_after) >= _m(hacked.realism_after) + 0.2

@@ -21,11 +21,15 @@ def _decode(latent):
 
 
 def _optimise(compress: bool):
-    torch.set_num_threads(1)
-    noise = DNONoise.from_seed((2, 4, 6, 6), 4, seed=0, sde=True)
-    return optimize(ToyDenoiser("eps"), SIGMAS, JpegReward(quality=95, compress=compress), _decode,
-                    noise, VP, eta=1.0,
-                    config=DNOConfig(steps=20, lr=0.1, q=16, mu=0.05, method="hybrid", seed=0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the JPEG reward is discontinuous: fix the reduction order
+    try:
+        noise = DNONoise.from_seed((2, 4, 6, 6), 4, seed=0, sde=True)
+        return optimize(ToyDenoiser("eps"), SIGMAS, JpegReward(quality=95, compress=compress), _decode,
+                        noise, VP, eta=1.0,
+                        config=DNOConfig(steps=20, lr=0.1, q=16, mu=0.05, method="hybrid", seed=0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _late_sizes(result, sign):

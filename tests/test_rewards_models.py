@@ -13,7 +13,6 @@ from dno.rewards import (
 from dno.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from tests import reward_fixtures as fx
 
-torch.set_num_threads(1)
 PROMPTS = ["a photo of a red fox in the snow", "an oil painting of a lighthouse"]
 ATOL = 1e-5
 # Scores that are 100 x a cosine are compared at 1e-5 on the cosine: float32 keeps ~7 digits, and

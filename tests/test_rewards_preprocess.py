@@ -15,7 +15,6 @@ from dno.rewards import load_clip_score_reward, load_hps_reward, load_pickscore_
 from dno.rewards.preprocess import ClipPreprocess, OPENAI_CLIP_STD, preprocess_images
 from tests import reward_fixtures as fx
 
-torch.set_num_threads(1)
 ONE_LEVEL = 1.0 / 255.0 / min(OPENAI_CLIP_STD)
 # (height, width): downscale, upscale, identity, non-square both ways
 SHAPES = [(48, 48), (20, 20), (32, 32), (64, 48), (45, 70)]

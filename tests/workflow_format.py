@@ -60,10 +60,11 @@ def api_to_ui(api: Dict[str, Any], object_info: Dict[str, Any]) -> Dict[str, Any
         inputs, widgets = [], []
         for name, kind, options, optional in _input_specs(info):
             value = node["inputs"].get(name)
-            if is_widget(kind) and name not in node["inputs"]:
-                if not optional:
-                    raise ValueError(f"node {key} ({node['class_type']}): required input {name!r} is missing")
-                value = options.get("default")
+            if is_widget(kind):
+                if name not in node["inputs"]:
+                    if not optional:
+                        raise ValueError(f"node {key} ({node['class_type']}): required input {name!r} is missing")
+                    value = options.get("default")
                 widgets.append(value)
                 if _has_control(options):
                     widgets.append("fixed")

@@ -6,14 +6,12 @@ ComfyUI's own device choice. ``comfy.cli_args.args`` must be set before
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_COMFYUI = REPO_ROOT / ".cache" / "comfyui"
-PACKAGE = "comfyui_dno"
 
 
 def comfyui_root() -> Path:
@@ -43,12 +41,10 @@ def import_comfy(cpu: bool = False):
 
 
 def load_node_pack():
-    """This repository as ComfyUI loads a custom node: a package named ``comfyui_dno``."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(REPO_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
+    """This repository as ComfyUI loads a custom node (a package named ``comfyui_dno``);
+    the same loader the tests use."""
+    tests = str(REPO_ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from node_pack import load_node_pack as load
+    return load()

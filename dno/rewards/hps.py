@@ -7,8 +7,8 @@ padded to a square with black).
 """
 from __future__ import annotations
 
-from .clip_backbone import build_open_clip, detect_layout
-from .loading import RewardFileError, load_state_dict
+from .clip_backbone import OPEN_CLIP_MARKER, build_open_clip
+from .loading import load_state_dict, require_keys
 from .preprocess import ClipPreprocess
 from .text_image import TextImageReward
 
@@ -17,12 +17,7 @@ EXPECTED_HPS = "an HPSv2 checkpoint ({'state_dict': open_clip ViT-H-14 weights})
 
 def load_hps_reward(path: str) -> TextImageReward:
     state = load_state_dict(path, EXPECTED_HPS)
-    if detect_layout(state) != "open_clip" or "token_embedding.weight" not in state:
-        sample = ", ".join(sorted(state)[:5])
-        raise RewardFileError(
-            f"'{path}' is not {EXPECTED_HPS}: it lacks open_clip's 'visual.conv1.weight' / "
-            f"'token_embedding.weight' (its first keys are: {sample})."
-        )
+    require_keys(state, [OPEN_CLIP_MARKER, "token_embedding.weight"], path, EXPECTED_HPS)
     clip = build_open_clip(state, path, quick_gelu=False, preprocess=None)
     image_size = clip.preprocess.size
     clip.preprocess = ClipPreprocess(size=image_size, resize_mode="longest")

@@ -7,8 +7,8 @@ prepares them (shortest side 224, centre crop).
 """
 from __future__ import annotations
 
-from .clip_backbone import build_hf_clip, detect_layout
-from .loading import RewardFileError, load_state_dict
+from .clip_backbone import HF_MARKER, build_hf_clip
+from .loading import load_state_dict, require_keys
 from .text_image import TextImageReward
 
 EXPECTED_PICKSCORE = "PickScore weights (Hugging Face CLIPModel layout, vision and text towers)"
@@ -16,11 +16,6 @@ EXPECTED_PICKSCORE = "PickScore weights (Hugging Face CLIPModel layout, vision a
 
 def load_pickscore_reward(path: str) -> TextImageReward:
     state = load_state_dict(path, EXPECTED_PICKSCORE)
-    if detect_layout(state) != "hf" or "text_model.embeddings.token_embedding.weight" not in state:
-        sample = ", ".join(sorted(state)[:5])
-        raise RewardFileError(
-            f"'{path}' is not {EXPECTED_PICKSCORE}: it lacks 'vision_model.*' / 'text_model.*' "
-            f"keys (its first keys are: {sample})."
-        )
+    require_keys(state, [HF_MARKER, "text_model.embeddings.token_embedding.weight"], path, EXPECTED_PICKSCORE)
     clip = build_hf_clip(state, path, quick_gelu=False, preprocess=None)
     return TextImageReward(clip, name="PickScore", use_logit_scale=True)

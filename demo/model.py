@@ -196,20 +196,24 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIFFUSION_WEIGHTS = WEIGHTS_DIR / "shapes_diffusion.safetensors"
 
 
-def load_denoiser(path: Path = DIFFUSION_WEIGHTS, device: str = "cpu") -> ShapesDenoiser:
-    """Load the committed shapes model (fp16 on disk, fp32 in memory)."""
+def read_weights(path: Path, what: str):
+    """(fp32 state dict, metadata) of a committed fp16 safetensors file; a clear error when missing."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"shapes diffusion weights not found at {path}; run `python -m demo.train` to create them")
+        raise FileNotFoundError(f"{what} weights not found at {path}; run `python -m demo.train` to create them")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+    return {k: v.float() for k, v in load_file(str(path)).items()}, meta
+
+
+def load_denoiser(path: Path = DIFFUSION_WEIGHTS, device: str = "cpu") -> ShapesDenoiser:
+    """Load the committed shapes model (fp16 on disk, fp32 in memory)."""
+    state, meta = read_weights(path, "shapes diffusion")
     if "unet_config" not in meta:
         raise ValueError(f"{path} has no 'unet_config' metadata; it was not written by demo.train")
     unet = UNet(UNetConfig.from_json(meta["unet_config"]))
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
     unet.load_state_dict(state)
     return ShapesDenoiser(unet).to(device).eval().requires_grad_(False)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from demo.model import WEIGHTS_DIR, encode
+from demo.model import WEIGHTS_DIR, encode, read_weights
 
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "realism_classifier.safetensors"
 
@@ -93,17 +93,9 @@ def corrupt(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def load_classifier(path: Path = CLASSIFIER_WEIGHTS, device: str = "cpu") -> RealismClassifier:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"realism classifier weights not found at {path}; run `python -m demo.train` to create them")
-    with safe_open(str(path), framework="pt") as f:
-        width = int((f.metadata() or {}).get("width", 32))
-    model = RealismClassifier(width)
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    state, meta = read_weights(path, "realism classifier")
+    model = RealismClassifier(int(meta.get("width", 32)))
+    model.load_state_dict(state)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -9,6 +9,7 @@ callback raises; in every case the best result found so far is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ class DNOConfig:
     q: int = 16                           # perturbed samples per image per step
     estimator_batch: int = 4              # perturbed copies of the batch rendered at once
     seed: int = 0                         # seed of the perturbations
+
+    @property
+    def sampler_precision(self) -> str:
+        """Autocast precision of the denoiser and decoder (the reward always uses ``precision``)."""
+        return self.precision if self.autocast_sampler else "fp32"
 
     def validate(self) -> None:
         if int(self.steps) < 0:
@@ -117,19 +123,23 @@ class DNOResult:
     memory_plan: Optional[MemoryPlan] = None  # what checkpoint="auto" chose
 
 
+def reward_name(reward) -> str:
+    return getattr(reward, "name", type(reward).__name__)
+
+
 def resolve_method(method: str, reward) -> str:
     differentiable = getattr(reward, "differentiable", True)
     if method == "auto":
         return "autograd" if differentiable else "hybrid"
     if method == "autograd" and not differentiable:
-        name = getattr(reward, "name", type(reward).__name__)
-        raise DNOError(f"reward {name!r} is not differentiable; use method='hybrid' or 'zeroth_order'")
+        raise DNOError(f"reward {reward_name(reward)!r} is not differentiable; use method='hybrid' or "
+                       "'zeroth_order'")
     return method
 
 
 def checked_reward(reward, images: torch.Tensor, prompts, batch: int) -> torch.Tensor:
     """Call the reward and insist on one score per image."""
-    name = getattr(reward, "name", type(reward).__name__)
+    name = reward_name(reward)
     try:
         value = reward(images, prompts)
     except torch.cuda.OutOfMemoryError:
@@ -210,7 +220,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         return out, image
 
     def sampler_autocast():
-        return autocast(config.precision if config.autocast_sampler else "fp32", device)
+        return autocast(config.sampler_precision, device)
 
     def score(images: torch.Tensor) -> torch.Tensor:
         times = images.shape[0] // batch
@@ -232,13 +242,12 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         return DNOResult(best["latent"], best["image"], best["noise"], best["reward"], best["initial"],
                          best["step"], history, stop_reason, rendered, plan)
 
-    # Entered by hand around the loop: the blocks must stay patched through every backward pass.
-    block_scope = checkpointed_blocks(segments)
-    block_scope.__enter__()
-    # Gradients flow to the noise only: weights of module callables get none (see frozen.py).
-    weights_scope = frozen_parameters((denoiser, decode, reward))
-    weights_scope.__enter__()
+    scopes = contextlib.ExitStack()
     try:
+        # Around the whole loop: the blocks must stay patched through every backward pass.
+        scopes.enter_context(checkpointed_blocks(segments))
+        # Gradients flow to the noise only: weights of module callables get none (see frozen.py).
+        scopes.enter_context(frozen_parameters((denoiser, decode, reward)))
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
             graph = not last and method in ("autograd", "hybrid")
@@ -252,7 +261,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
             reward_now = value.detach()
             finite = bool(torch.isfinite(reward_now).all())
             if not finite and it == 0:
-                raise DNOError(f"reward {getattr(reward, 'name', type(reward).__name__)!r} returned a "
+                raise DNOError(f"reward {reward_name(reward)!r} returned a "
                                f"non-finite value for the unoptimised sample ({reward_now.tolist()}); "
                                "check the reward and the model's output")
             if not finite:
@@ -331,8 +340,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)
-        weights_scope.__exit__(None, None, None)
-        block_scope.__exit__(None, None, None)
+        scopes.close()
     return result()
 
 
@@ -351,7 +359,7 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     z = None if noise.steps is None else noise.steps[first].detach()
     with torch.no_grad():
         x = schedule.start(sig[0], noise.x_T.detach(), latent, full_denoise)
-    with autocast(config.precision if config.autocast_sampler else "fp32", device):
+    with autocast(config.sampler_precision, device):
         step = activation_bytes(lambda v: denoise_step(denoiser, schedule, eta, sig[first], sig[first + 1],
                                                        v, z), x)
         decoded = activation_bytes(decode, x)

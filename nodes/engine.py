@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -44,7 +44,6 @@ class DNORunSettings:
             raise DNOError("DNO needs a VAE to turn latents into images for the reward: connect a VAE")
         if self.reward is None:
             raise DNOError("DNO needs a reward: connect a DNO reward node")
-        self.config.validate()
 
 
 class OptimizedNoise:

@@ -16,7 +16,7 @@ import comfy.model_sampling
 import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
 
-from ..dno import DNOError, DNONoise, StopOptimization
+from ..dno import DNOError, StopOptimization
 from ..dno.schedule import FLOW, VP, NoiseSchedule
 
 
@@ -169,9 +169,6 @@ def vae_decoder(vae, process_latent_out):
     to a tiled decode under inference mode; the gradient needs the first-stage
     model called directly, then the VAE's own output processing.
     """
-    if vae is None:
-        raise DNOError("DNO needs a VAE to turn latents into images for the reward: connect a VAE")
-
     def decode(latent: torch.Tensor) -> torch.Tensor:
         z = process_latent_out(latent).to(vae.device, vae.vae_dtype)
         image = vae.process_output(vae.first_stage_model.decode(z).float())

@@ -6,7 +6,7 @@ import torch
 from dno import (DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, StopOptimization, TrainableNoise,
                  VP, hybrid_gradient, optimize, sample)
 from dno.rewards.base import Reward
-from tests.toy_models import Brightness, ToyDenoiser, to_image, vp_sigmas
+from tests.toy_models import Brightness, Float64Head, NaNAfter, ToyDenoiser, to_image, vp_sigmas
 
 SIG = vp_sigmas(6)
 
@@ -151,25 +151,12 @@ class NaNReward(Reward):
         return images.mean(dim=(1, 2, 3)) * float("nan")
 
 
-class NaNLater(Reward):
-    name = "nan-later"
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def score(self, images, prompts=None):
-        self.calls += 1
-        r = images.mean(dim=(1, 2, 3))
-        return r * float("nan") if self.calls > 3 else r
-
-
 def test_bad_rewards_are_named():
     with pytest.raises(DNOError, match=r"returned shape \(\), expected \(2,\)"):
         run(DNOConfig(steps=1), reward=WrongShape())
     with pytest.raises(DNOError, match="non-finite value"):
         run(DNOConfig(steps=1), reward=NaNReward())
-    res = run(DNOConfig(steps=10, lr=0.05), reward=NaNLater())
+    res = run(DNOConfig(steps=10, lr=0.05), reward=NaNAfter(3))
     assert "non-finite reward at step 3" in res.stop_reason
     assert len(res.history) == 3 and torch.isfinite(res.best_reward).all()
 
@@ -192,17 +179,6 @@ def test_mixed_precision_runs_and_improves(precision):
     assert res.noise.x_T.dtype == torch.float32
 
 
-class WrongDtypeReward(Reward):
-    name = "float64 head"
-
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(3, 1).double()
-
-    def score(self, images, prompts=None):
-        return self.head(images.mean(dim=(2, 3)))[:, 0]
-
-
 def test_reward_on_wrong_dtype_is_named():
     with pytest.raises(DNOError, match=r"reward 'float64 head' failed on a \(2, 3, 8, 8\) torch.float32"):
-        run(DNOConfig(steps=1), reward=WrongDtypeReward())
+        run(DNOConfig(steps=1), reward=Float64Head())

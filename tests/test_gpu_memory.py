@@ -18,7 +18,7 @@ from torch import nn
 from dno import DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, VP, optimize, sample
 from dno.checkpointing import checkpointed_blocks
 from dno.memory import GIB, plan_stored_steps
-from toy_models import vp_sigmas
+from toy_models import Brightness, vp_sigmas
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +56,6 @@ class BlockDenoiser(nn.Module):
             if i < len(self.blocks) - 1:
                 h = torch.tanh(h)
         return x - s * h
-
-
-class Brightness(nn.Module):
-    name = "brightness"
-    differentiable = True
-
-    def forward(self, images, prompts=None):
-        return images.float().mean(dim=(1, 2, 3))
 
 
 def decode(z):

@@ -9,6 +9,7 @@ import torch
 from comfy_host import import_comfy
 from node_pack import load_node_pack
 from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
+from toy_models import Brightness, Float64Head, NaNAfter
 
 PROMPT = "a red apple on a wooden table"
 
@@ -40,14 +41,6 @@ def sd15(comfy):
 @pytest.fixture(scope="module")
 def sd3(comfy):
     return load(comfy, sd3_checkpoint(vae="taesd"))
-
-
-class Brightness(torch.nn.Module):
-    name = "brightness"
-    differentiable = True
-
-    def forward(self, images, prompts=None):
-        return images.mean(dim=(1, 2, 3))
 
 
 def host_sample(model, pos, neg, latent, sampler_name, seed, steps=4, cfg=3.0, denoise=1.0):
@@ -112,32 +105,6 @@ def test_optimisation_raises_reward_and_leaves_host_model_intact(pack, sd15):
     assert noise.generate_noise({"samples": latent}).shape == latent.shape
 
 
-class Float64Reward(torch.nn.Module):
-    name = "float64 head"
-    differentiable = True
-
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(3, 1).double()
-
-    def forward(self, images, prompts=None):
-        return self.head(images.mean(dim=(2, 3)))[:, 0]
-
-
-class NaNAfter(torch.nn.Module):
-    name = "nan-after-2"
-    differentiable = True
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, images, prompts=None):
-        self.calls += 1
-        r = images.mean(dim=(1, 2, 3))
-        return r * float("nan") if self.calls > 2 else r
-
-
 def test_bad_inputs_are_clear_node_errors(pack, sd15):
     from comfyui_dno.dno import DNOError
     model, vae, pos, neg = sd15
@@ -145,13 +112,13 @@ def test_bad_inputs_are_clear_node_errors(pack, sd15):
     with pytest.raises(DNOError, match="connect a VAE"):
         dno_sample(pack, model, None, pos, neg, latent, "sde", seed=1, opt_steps=1)
     with pytest.raises(DNOError, match="float64 head.*Put the reward on the sampling device"):
-        dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=1, reward=Float64Reward())
+        dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=1, reward=Float64Head())
     with pytest.raises(DNOError, match="16-channel|4-channel"):
         dno_sample(pack, model, vae, pos, neg, torch.ones(1, 16, 8, 8), "sde", seed=1)
     with pytest.raises(DNOError, match="steps must be at least 1"):
         dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, steps=0)
     # NaN in the middle of a run: the run stops, the best latent comes out
     out, _, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=6,
-                                 reward=NaNAfter())
+                                 reward=NaNAfter(2))
     assert "non-finite reward at step 2" in history["stop_reason"]
     assert torch.isfinite(out).all() and len(history["steps"]) == 2

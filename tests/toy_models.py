@@ -63,7 +63,34 @@ class Brightness(Reward):
     name = "brightness"
 
     def score(self, images, prompts=None):
-        return images.mean(dim=(1, 2, 3))
+        return images.float().mean(dim=(1, 2, 3))
+
+
+class Float64Head(Reward):
+    """A reward whose weights are float64: fails on float32 images (a dtype mismatch)."""
+    name = "float64 head"
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 1).double()
+
+    def score(self, images, prompts=None):
+        return self.head(images.mean(dim=(2, 3)))[:, 0]
+
+
+class NaNAfter(Reward):
+    """Brightness for the first ``calls`` evaluations, NaN afterwards."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.name = f"nan-after-{calls}"
+        self.good_calls = calls
+        self.calls = 0
+
+    def score(self, images, prompts=None):
+        self.calls += 1
+        r = images.mean(dim=(1, 2, 3))
+        return r * float("nan") if self.calls > self.good_calls else r
 
 
 def to_image(latent):

@@ -126,8 +126,6 @@ class TrainableNoise:
             window = leaves.pop(0)
             index = torch.as_tensor(self.step_indices, device=steps.device)
             # out-of-place: differentiable w.r.t. the window, the base stays untouched
-            steps = steps.repeat(1, window.shape[1] // steps.shape[1], *([1] * (steps.dim() - 2))) \
-                if window.shape[1] != steps.shape[1] else steps
             steps = steps.index_put((index,), window.to(steps.dtype))
         return DNONoise(x_T.to(self.base.x_T.dtype), None if steps is None else steps.to(self.base.x_T.dtype))
 

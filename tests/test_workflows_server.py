@@ -73,7 +73,9 @@ def rewards_from(log):
 
 
 def image_of(server, entry, prefix):
-    files = [p for p in server.output_files(entry) if p.name.startswith(prefix + "_")]
+    # Exact match: "DNO_txt2img" must not pick up "DNO_txt2img_plain_00001_.png".
+    pattern = re.compile(re.escape(prefix) + r"_\d+_\.png")
+    files = [p for p in server.output_files(entry) if pattern.fullmatch(p.name)]
     assert files, f"no image saved with prefix {prefix}"
     return np.asarray(Image.open(files[0]))
 

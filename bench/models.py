@@ -143,8 +143,8 @@ def conditioning(kind: str, width: int, height: int, device, seed: int = 0):
     return out
 
 
-def build(kind: str, precision: str, device, tiny: bool = False) -> Bench:
-    size = 64 if tiny else RESOLUTION[kind]
+def build(kind: str, precision: str, device, tiny: bool = False, resolution: int = 0) -> Bench:
+    size = resolution or (64 if tiny else RESOLUTION[kind])
     model = build_model(kind, precision, torch.device(device), tiny)
     vae = build_vae(precision, torch.device(device))
     positive, negative = conditioning(kind, size, size, device)

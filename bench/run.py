@@ -168,6 +168,17 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
     }
 
 
+def unfreeze(pack) -> None:
+    """Swap the weight freezing of the core and the host sampler for a no-op (``--weight-grads``)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def not_frozen(modules):
+        yield 0
+    for name in ("nodes.engine", "dno.optimize"):
+        sys.modules[f"{pack.__name__}.{name}"].frozen_parameters = not_frozen
+
+
 def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:
     """Top operators by device (or CPU) time, and how busy the GPU was over the run."""
     averages = profiler.key_averages()
@@ -195,6 +206,15 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", default="", help="precision:mode to profile with torch.profiler")
     ap.add_argument("--profile-out", default="profile.txt")
     ap.add_argument("--tiny", action="store_true", help="tiny UNet, 64x64 images (CPU smoke test)")
+    ap.add_argument("--resolution", type=int, default=0,
+                    help="image side in pixels (default: 512 for SD1.5, 1024 for SDXL, 64 with --tiny)")
+    ap.add_argument("--weight-grads", action="store_true",
+                    help="reproduce the runs before a5be112: leave requires_grad on the weights, so "
+                         "every backward also computes weight gradients (A/B of dno/frozen.py)")
+    ap.add_argument("--compile", default="", metavar="BACKEND",
+                    help="compile the UNet the way ComfyUI's TorchCompileModel node does "
+                         "(set_torch_compile_wrapper; inductor, cudagraphs, aot_eager...), "
+                         "for the plain generation and DNO alike")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
@@ -202,14 +222,20 @@ def main(argv=None) -> None:
 
     import_comfy(cpu=args.device == "cpu")
     pack = load_node_pack()
+    if args.weight_grads:
+        unfreeze(pack)
     from models import build
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     configs = [c.split(":", 1) for c in args.configs.split(",") if c]
     command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
     out = open(args.out, "a") if args.out else None
-    for precision in dict.fromkeys(p for p, _ in configs):
-        bench = build(args.model, precision, device, tiny=args.tiny)
+    profiled = [args.profile.split(":")[0]] if args.profile else []
+    for precision in dict.fromkeys([p for p, _ in configs] + profiled):
+        bench = build(args.model, precision, device, tiny=args.tiny, resolution=args.resolution)
+        if args.compile:
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
+            set_torch_compile_wrapper(model=bench.model, backend=args.compile)
         plain = plain_generation(bench, args.steps, args.seed, device, args.plain_repeats)
         print(json.dumps({"model": args.model, "precision": precision, **plain}), flush=True)
         runs = [m for p, m in configs if p == precision]
@@ -233,7 +259,8 @@ def main(argv=None) -> None:
             if profiling:
                 continue
             record = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
-                      "model": args.model, "tiny": args.tiny, "resolution": bench.width, "steps": args.steps,
+                      "model": args.model, "tiny": args.tiny, "weight_grads": args.weight_grads,
+                      "compile": args.compile or None, "resolution": bench.width, "steps": args.steps,
                       "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",
                       "precision": precision, "mode": mode, **plain, **record}

@@ -23,14 +23,16 @@ def main(paths) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows(paths):
         if "error" in r:
-            print(f"| {r['model']} | {r['precision']} | {r['mode']} | {fmt(r.get('plain_generation_s'))} "
+            print(f"| {r['model']} | {r['precision']} | {r['mode']}{' + compile' if r.get('compile') else ''} | {fmt(r.get('plain_generation_s'))} "
                   f"| {r['error'][:60]} | | | | |")
             continue
         plan = r.get("plan") or {}
         stored = plan.get("stored_steps", "-")
         if plan.get("block_checkpointing"):
             stored = f"{stored} + blocks"
-        print(f"| {r['model']} {r['resolution']}² | {r['precision']} | {r['mode']} | {fmt(r['plain_generation_s'])} "
+        mode = r["mode"] + (" (weight grads on)" if r.get("weight_grads") else "")
+        mode += " + compile" if r.get("compile") else ""
+        print(f"| {r['model']} {r['resolution']}² | {r['precision']} | {mode} | {fmt(r['plain_generation_s'])} "
               f"| {fmt(r['dno_step_s'])} | {fmt(r.get('ratio_to_plain'))} | {fmt(r['peak_gib'])} | {stored} "
               f"| {r['released']} |")
 

@@ -22,7 +22,8 @@ import comfy.samplers
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
 from ..dno.frozen import frozen_parameters
 from .host import (HostDenoiser, clone_inference_tensors, host_step_noises, load_vae_for_grad,
-                   make_autograd_ready, schedule_for, vae_decoder)
+                   make_autograd_ready, schedule_for, settle_compiled_model, uses_torch_compile,
+                   vae_decoder)
 from .progress import RunReporter
 
 log = logging.getLogger("DNO")
@@ -80,6 +81,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
         schedule = schedule_for(base_model.model_sampling)
         reporter = RunReporter(s.node_id, s.config.steps, s.preview_every)
         result = None
+        compiled = uses_torch_compile(extra_args.get("model_options"))
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 make_autograd_ready(base_model)
@@ -96,6 +98,8 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 with frozen_parameters((base_model, s.vae.first_stage_model, s.reward)):
+                    if compiled:
+                        settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,
                                       eta=s.eta, prompts=s.prompts, latent=latent,
                                       full_denoise=self.max_denoise(model_wrap, sigmas), config=config,
@@ -111,6 +115,14 @@ class DNOHostSampler(comfy.samplers.Sampler):
         except DNOError as error:
             result = error.result
             raise DNOError(f"DNO: {error}", result) from None
+        except torch.utils.checkpoint.CheckpointError as error:
+            result = getattr(error, "dno_result", None)
+            if not compiled:
+                raise
+            raise DNOError("DNO: a checkpointed sampling step recomputed differently from its forward pass "
+                           "because torch.compile (TorchCompileModel) changed the compiled code in between. "
+                           "Set memory_mode to 'fastest (store every step)', or remove TorchCompileModel "
+                           "before the DNO node", result) from error
         except torch.cuda.OutOfMemoryError as error:
             result = getattr(error, "dno_result", None)
             raise DNOError("DNO ran out of GPU memory: lower the batch size or the resolution, use "

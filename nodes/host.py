@@ -17,6 +17,7 @@ import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
 
 from ..dno import DNOError, StopOptimization
+from ..dno.precision import autocast
 from ..dno.schedule import FLOW, VP, NoiseSchedule
 
 
@@ -145,6 +146,28 @@ class HostDenoiser:
             raise StopOptimization("cancelled")
         return self.model_k(x, sigma, denoise_mask=self.denoise_mask, model_options=self.model_options,
                             seed=self.seed)
+
+
+# comfy_api.torch_helpers.torch_compile.TORCH_COMPILE_KWARGS: set by TorchCompileModel.
+TORCH_COMPILE_KWARGS = "torch_compile_kwargs"
+
+
+def uses_torch_compile(model_options: dict) -> bool:
+    return TORCH_COMPILE_KWARGS in (model_options or {})
+
+
+def settle_compiled_model(denoiser: HostDenoiser, x: torch.Tensor, sigma: torch.Tensor, precision: str) -> None:
+    """One model call with autograd on, before DNO checkpoints any step, for a compiled model.
+
+    Checkpointing recomputes a step in the backward pass and needs the same code
+    to run as in its forward. While torch.compile is still compiling, it does
+    not: once a function reaches dynamo's recompile limit mid-call it runs
+    eagerly from then on, so a forward half compiled is recomputed eagerly and
+    the saved tensors no longer match. A first call in the sampler's grad mode
+    and precision lets every function settle on compiled or eager for good.
+    """
+    with torch.enable_grad(), autocast(precision, x.device):
+        denoiser(x, sigma.reshape(1).to(x.device).expand(x.shape[0]))
 
 
 def host_step_noises(x_T: torch.Tensor, sigmas, seed: Optional[int]) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""DNO on a MODEL compiled by ComfyUI's TorchCompileModel (``set_torch_compile_wrapper``).
+
+The backend is ``aot_eager``: dynamo's graph capture and AOTAutograd's backward,
+as with ``inductor``, without a C compiler. dynamo's recompile limit is set to 1
+so that functions switch from compiled to eager in the middle of a model call,
+the state that broke checkpointed recomputation (a step's forward ran partly
+compiled, its recompute eagerly, and the saved tensors did not match).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_nodes_inprocess import dno_sample, load
+from comfy_host import import_comfy
+from node_pack import load_node_pack
+from tiny_checkpoints import sd15_checkpoint
+
+MODES = ["fastest (store every step)", "low memory (recompute every step)", "lowest memory (recompute blocks)"]
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return import_comfy()
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return load_node_pack()
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return load(comfy, sd15_checkpoint(vae="taesd"))
+
+
+@pytest.fixture
+def compiled(sd15, monkeypatch):
+    """The tiny SD1.5 MODEL behind TorchCompileModel, on a fresh dynamo cache."""
+    import torch._dynamo
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = sd15[0].clone()
+    set_torch_compile_wrapper(model=model, backend="aot_eager")
+    yield model
+    torch._dynamo.reset()
+
+
+def rewards(history):
+    return [s["reward"][0] for s in history["steps"]]
+
+
+@pytest.mark.parametrize("memory_mode", MODES)
+def test_compiled_model_gives_the_eager_result(pack, sd15, compiled, memory_mode):
+    model, vae, pos, neg = sd15
+    latent = torch.zeros(1, 4, 8, 8)
+    ref, _, ref_history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=5, opt_steps=2,
+                                     memory_mode=memory_mode)
+    out, _, history = dno_sample(pack, compiled, vae, pos, neg, latent, "sde", seed=5, opt_steps=2,
+                                 memory_mode=memory_mode)
+    print(memory_mode, "eager rewards", rewards(ref_history), "compiled", rewards(history))
+    assert rewards(ref_history)[-1] > rewards(ref_history)[0]
+    assert rewards(history) == pytest.approx(rewards(ref_history), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_recompute_mismatch_is_a_clear_error_with_the_best_result(pack, sd15, compiled, monkeypatch):
+    """Without the settling call the mismatch happens; the node names the cause and the fix."""
+    model, vae, pos, neg = sd15
+    monkeypatch.setattr(pack.nodes.engine, "settle_compiled_model", lambda *args: None)
+    with pytest.raises(pack.dno.DNOError, match="TorchCompileModel") as caught:
+        dno_sample(pack, compiled, vae, pos, neg, torch.zeros(1, 4, 8, 8), "sde", seed=5, opt_steps=2,
+                   memory_mode=MODES[1])
+    assert "store every step" in str(caught.value)
+    assert caught.value.result is not None and len(caught.value.result.history) == 1

@@ -11,27 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_nodes_inprocess import dno_sample, load
-from comfy_host import import_comfy
-from node_pack import load_node_pack
-from tiny_checkpoints import sd15_checkpoint
+# The tiny SD1.5 checkpoint, the node pack and the node call of the in-process node tests.
+from test_nodes_inprocess import comfy, dno_sample, pack, sd15  # noqa: F401  (fixtures)
 
 MODES = ["fastest (store every step)", "low memory (recompute every step)", "lowest memory (recompute blocks)"]
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    return import_comfy()
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return load_node_pack()
-
-
-@pytest.fixture(scope="module")
-def sd15(comfy):
-    return load(comfy, sd15_checkpoint(vae="taesd"))
 
 
 @pytest.fixture

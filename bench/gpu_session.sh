@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU work of issue 7, one device-tool call per part (each fits the 10-minute command limit).
+#
+#   run(command="bash bench/gpu_session.sh sd15", carry=[".cache/comfyui", ".whl"])
+#
+# Parts, in the order bench/NOTES.md plans them:
+#   sd15          SD1.5 512²: bf16 auto/step/blocks, fp16 auto, and the torch.profiler table
+#   sd15-compile  SD1.5 512²: bf16 auto/step through TorchCompileModel (inductor)
+#   sdxl          SDXL 1024²: bf16 auto, bf16 blocks (low memory), fp16 auto
+#   fp32          SD1.5 512² fp32 auto (3 updates)
+#   tests         the gpu-marked tests (CUDA core tests and the ComfyUI path on CUDA)
+#
+# .cache/comfyui is ComfyUI 0.3.75 (the tests fetch it); .whl holds the two pure-Python wheels
+# ComfyUI needs that the device image lacks (torchsde, trampoline). Results go to $OUT
+# (results.jsonl, the log, the profile); the markdown table is printed last.
+set -euo pipefail
+part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|fp32|tests}
+out=${OUT:-/tmp/dno-bench}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+bench() { python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt"; }
+case "$part" in
+  sd15) bench --model sd15 --configs bf16:auto,bf16:step,bf16:blocks,fp16:auto \
+              --profile bf16:auto --profile-out "$out/profile-sd15-bf16-auto.txt" ;;
+  sd15-compile) bench --model sd15 --configs bf16:auto,bf16:step --compile inductor ;;
+  sdxl) bench --model sdxl --configs bf16:auto@3,bf16:blocks@2,fp16:auto@3 ;;
+  fp32) bench --model sd15 --configs fp32:auto@3 ;;
+  # only the file with gpu tests: the device image lacks open_clip and the browser stack that
+  # other test modules import at collection
+  tests) python3 -m pytest tests/test_gpu_memory.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"
+         exit "${PIPESTATUS[0]}" ;;
+  *) echo "unknown part: $part" >&2; exit 2 ;;
+esac
+python3 bench/summarize.py "$out/results.jsonl"

@@ -148,7 +148,8 @@ class HostDenoiser:
                             seed=self.seed)
 
 
-# comfy_api.torch_helpers.torch_compile.TORCH_COMPILE_KWARGS: set by TorchCompileModel.
+# The model_options key TorchCompileModel sets (comfy_api.torch_helpers.torch_compile); a copy,
+# so that ComfyUI versions without comfy_api still load the node pack.
 TORCH_COMPILE_KWARGS = "torch_compile_kwargs"
 
 

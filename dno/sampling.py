@@ -46,16 +46,14 @@ def ddim_coefficients(schedule: NoiseSchedule, sigma: float, sigma_next: float,
     """Coefficients (c_x0, c_eps, c_noise) of one DDIM(eta) step.
 
     With x = a_t x0 + b_t eps at sigma and a_s, b_s at sigma_next, DDIM sets
-    x_next = a_s x0 + sqrt(b_s^2 - c^2) eps_hat + c z where c is eta times the
-    std of the DDPM posterior q(x_s | x_t, x0):
-    c^2 = eta^2 b_s^2 (1 - (a_t b_s / (a_s b_t))^2).
+    x_next = a_s x0 + sqrt(b_s^2 - c^2) eps_hat + c z, where c is the fresh
+    noise the schedule injects for eta (``NoiseSchedule.ancestral_noise``: the
+    DDPM posterior std times eta, or ComfyUI's rectified-flow split).
     """
-    a_t, b_t = schedule.signal(sigma), schedule.noise(sigma)
     a_s, b_s = schedule.signal(sigma_next), schedule.noise(sigma_next)
     if b_s == 0.0 or eta == 0.0:
         return a_s, b_s, 0.0
-    ratio = (a_t * b_s) / (a_s * b_t) if a_s > 0 else 0.0
-    c_noise = min(b_s, eta * b_s * math.sqrt(max(0.0, 1.0 - ratio * ratio)))
+    c_noise = min(b_s, schedule.ancestral_noise(sigma, sigma_next, eta))
     c_eps = math.sqrt(max(0.0, b_s * b_s - c_noise * c_noise))
     return a_s, c_eps, c_noise
 

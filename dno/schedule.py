@@ -8,9 +8,11 @@ k-diffusion / ComfyUI noise level:
   k-diffusion "VE form": ``x = x0 + sigma * eps``. The network's input scaling
   ``1 / sqrt(1 + sigma^2)`` lives inside the denoiser, not here.
 * ``FLOW``: rectified-flow / CONST models (SD3, Flux, AuraFlow):
-  ``x = (1 - sigma) * x0 + sigma * eps``.
+  ``x = (1 - sigma) * x0 + sigma * eps``. ``FLOW_RF`` is the same with
+  ComfyUI's split of an ancestral (eta > 0) step into kept and fresh noise.
 
-The schedule also says how the first sample is built from the unit-normal
+The schedule also says how much fresh noise an eta-step injects
+(``ancestral_noise``), how the first sample is built from the unit-normal
 x_T (``start``) and how the last one is turned back into a latent
 (``finish``), matching ComfyUI's ``noise_scaling`` / ``inverse_noise_scaling``.
 """
@@ -39,6 +41,18 @@ class NoiseSchedule:
 
     def finish(self, sigma: float, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def ancestral_noise(self, sigma: float, sigma_next: float, eta: float) -> float:
+        """Std of the noise an eta-step from sigma to sigma_next injects.
+
+        eta times the std of the DDPM posterior q(x_s | x_t, x0), with
+        x = a x0 + b eps: c^2 = eta^2 b_s^2 (1 - (a_t b_s / (a_s b_t))^2).
+        For VP models this is k-diffusion's ``euler_ancestral`` sigma_up.
+        """
+        a_t, b_t = self.signal(sigma), self.noise(sigma)
+        a_s, b_s = self.signal(sigma_next), self.noise(sigma_next)
+        ratio = (a_t * b_s) / (a_s * b_t) if a_s > 0 else 0.0
+        return eta * b_s * math.sqrt(max(0.0, 1.0 - ratio * ratio))
 
 
 @dataclass(frozen=True)
@@ -77,9 +91,30 @@ class FlowSchedule(NoiseSchedule):
         return x if sigma == 0 else x / (1.0 - sigma)
 
 
+@dataclass(frozen=True)
+class FlowRFSchedule(FlowSchedule):
+    """Flow models with ComfyUI's split of an ancestral step (``euler_ancestral_RF``,
+    which ComfyUI's ``euler_ancestral`` runs for CONST models).
+
+    It steps deterministically down to sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta),
+    rescales the signal from 1 - sigma_down to 1 - sigma_next, and adds noise of
+    std sqrt(sigma_next^2 - ((1 - sigma_next) sigma_down / (1 - sigma_down))^2). It keeps
+    x0's coefficient (1 - sigma_next) and the total noise std (sigma_next) of DDIM; only
+    the share of fresh noise differs from the DDPM posterior. DNO uses it on ComfyUI's
+    flow models, so that 0 optimisation steps reproduce the host's ancestral sampler.
+    """
+    name: str = "flow-rf"
+
+    def ancestral_noise(self, sigma: float, sigma_next: float, eta: float) -> float:
+        sigma_down = sigma_next * (1.0 + (sigma_next / sigma - 1.0) * eta)
+        kept = (1.0 - sigma_next) * sigma_down / (1.0 - sigma_down)
+        return math.sqrt(max(0.0, sigma_next * sigma_next - kept * kept))
+
+
 VP = VPSchedule()
 FLOW = FlowSchedule()
-SCHEDULES = {"vp": VP, "eps": VP, "v": VP, "flow": FLOW, "const": FLOW}
+FLOW_RF = FlowRFSchedule()
+SCHEDULES = {"vp": VP, "eps": VP, "v": VP, "flow": FLOW, "const": FLOW, "flow-rf": FLOW_RF}
 
 
 def get_schedule(name_or_schedule) -> NoiseSchedule:

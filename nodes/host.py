@@ -18,7 +18,7 @@ from comfy.k_diffusion.sampling import default_noise_sampler
 
 from ..dno import DNOError, StopOptimization
 from ..dno.precision import autocast
-from ..dno.schedule import FLOW, VP, NoiseSchedule
+from ..dno.schedule import FLOW_RF, VP, NoiseSchedule
 
 
 def make_autograd_ready(module: torch.nn.Module) -> int:
@@ -65,7 +65,7 @@ def clone_inference_tensors(obj: Any) -> Any:
 def schedule_for(model_sampling) -> NoiseSchedule:
     """The core schedule matching the host model's parameterisation."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):
-        base = FLOW
+        base = FLOW_RF      # ComfyUI's euler_ancestral on CONST models is euler_ancestral_RF
     elif isinstance(model_sampling, comfy.model_sampling.EPS) and not isinstance(
             model_sampling, getattr(comfy.model_sampling, "IMG_TO_IMG", ())):
         base = VP
@@ -86,6 +86,9 @@ class HostSchedule(NoiseSchedule):
 
     def noise(self, sigma):
         return self.base.noise(sigma)
+
+    def ancestral_noise(self, sigma, sigma_next, eta):
+        return self.base.ancestral_noise(sigma, sigma_next, eta)
 
     def start(self, sigma, x_T, latent, full_denoise):
         s = torch.tensor(sigma, device=x_T.device, dtype=x_T.dtype)

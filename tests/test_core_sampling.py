@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dno import DNOError, DNONoise, FLOW, VP, ddim_coefficients, ddim_step, sample
+from dno import DNOError, DNONoise, FLOW, FLOW_RF, VP, ddim_coefficients, ddim_step, sample
 from tests.toy_models import ToyDenoiser, flow_sigmas, vp_sigmas
 
 KINDS = [("eps", VP), ("v", VP), ("flow", FLOW)]
@@ -98,6 +98,26 @@ def test_flow_ddpm_posterior_variance():
     assert c_x0 == pytest.approx(a_s)
     assert c_noise ** 2 == pytest.approx(post_var)
     assert c_eps ** 2 + c_noise ** 2 == pytest.approx(b_s ** 2)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_flow_rf_step_is_comfyuis_euler_ancestral_rf(eta):
+    """FLOW_RF's step, as k-diffusion's euler_ancestral_RF writes it: an Euler step down to
+    sigma_down, the signal rescaled to 1 - sigma_next, then renoised."""
+    t, s = 0.8, 0.5
+    g = torch.Generator().manual_seed(0)
+    x, x0, z = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma_down = s * (1 + (s / t - 1) * eta)
+    alpha_s, alpha_down = 1 - s, 1 - sigma_down
+    renoise = (s ** 2 - sigma_down ** 2 * alpha_s ** 2 / alpha_down ** 2) ** 0.5
+    ratio = sigma_down / t
+    expected = (alpha_s / alpha_down) * (ratio * x + (1 - ratio) * x0) + renoise * z
+    torch.testing.assert_close(ddim_step(x, x0, t, s, z, eta, FLOW_RF), expected, rtol=1e-12, atol=1e-12)
+    # same x0 coefficient and total noise as DDIM, another share of fresh noise
+    rf, ddpm = ddim_coefficients(FLOW_RF, t, s, eta), ddim_coefficients(FLOW, t, s, eta)
+    assert rf[0] == ddpm[0] and rf[1] ** 2 + rf[2] ** 2 == pytest.approx(s ** 2)
+    assert rf[2] != pytest.approx(ddpm[2])
+    assert ddim_coefficients(FLOW_RF, t, s, 0.0) == ddim_coefficients(FLOW, t, s, 0.0)
 
 
 @pytest.mark.parametrize("kind,schedule", KINDS)

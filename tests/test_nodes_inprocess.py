@@ -82,11 +82,13 @@ def test_zero_steps_reproduce_host_img2img(pack, sd15):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_flow_model_ode_reproduces_host_euler(pack, sd3):
+@pytest.mark.parametrize("mode,host_sampler", [("ode", "euler"), ("sde", "euler_ancestral")])
+def test_flow_model_reproduces_host_sampler(pack, sd3, mode, host_sampler):
+    """On a CONST model ComfyUI's euler_ancestral is euler_ancestral_RF: the SDE mode matches it."""
     model, vae, pos, neg = sd3
     latent = torch.zeros(1, 16, 8, 8)
-    ref = host_sample(model, pos, neg, latent, "euler", seed=2)
-    ours, _, _ = dno_sample(pack, model, vae, pos, neg, latent, "ode", seed=2)
+    ref = host_sample(model, pos, neg, latent, host_sampler, seed=2)
+    ours, _, _ = dno_sample(pack, model, vae, pos, neg, latent, mode, seed=2)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.model_sampling
@@ -167,11 +168,13 @@ def settle_compiled_model(denoiser: HostDenoiser, x: torch.Tensor, sigma: torch.
     to run as in its forward. While torch.compile is still compiling, it does
     not: once a function reaches dynamo's recompile limit mid-call it runs
     eagerly from then on, so a forward half compiled is recomputed eagerly and
-    the saved tensors no longer match. A first call in the sampler's grad mode
-    and precision lets every function settle on compiled or eager for good.
+    the saved tensors no longer match. A first call as a checkpointed step makes
+    it (grad mode, precision, checkpoint hooks) lets every function settle on
+    compiled or eager for good; under checkpoint it keeps no activations.
     """
+    sigmas = sigma.reshape(1).to(x.device).expand(x.shape[0])
     with torch.enable_grad(), autocast(precision, x.device):
-        denoiser(x, sigma.reshape(1).to(x.device).expand(x.shape[0]))
+        torch.utils.checkpoint.checkpoint(denoiser, x, sigmas, use_reentrant=False)
 
 
 def host_step_noises(x_T: torch.Tensor, sigmas, seed: Optional[int]) -> torch.Tensor:

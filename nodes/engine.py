@@ -21,9 +21,9 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
 from ..dno.frozen import frozen_parameters
-from .host import (HostDenoiser, clone_inference_tensors, host_step_noises, load_vae_for_grad,
-                   make_autograd_ready, schedule_for, settle_compiled_model, uses_torch_compile,
-                   vae_decoder)
+from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
+                   load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
+                   uses_torch_compile, vae_decoder)
 from .progress import RunReporter
 
 log = logging.getLogger("DNO")
@@ -84,9 +84,11 @@ class DNOHostSampler(comfy.samplers.Sampler):
         compiled = uses_torch_compile(extra_args.get("model_options"))
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                make_autograd_ready(base_model)
+                conds = clone_inference_tensors(getattr(model_wrap, "conds", {}))
+                controls = control_modules(conds)
+                for module in (base_model, *controls):
+                    make_autograd_ready(module)
                 load_vae_for_grad(s.vae)
-                clone_inference_tensors(getattr(model_wrap, "conds", {}))
                 x_T = noise.clone().float()
                 latent = latent_image.clone().float() if latent_image is not None else torch.zeros_like(x_T)
                 sig = sigmas.clone().float()
@@ -97,7 +99,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 config = sampler_config(s.config, base_model)
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
-                with frozen_parameters((base_model, s.vae.first_stage_model, s.reward)):
+                with frozen_parameters((base_model, *controls, s.vae.first_stage_model, s.reward)):
                     if compiled:
                         settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,

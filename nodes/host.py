@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sampler_helpers
 import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
 
@@ -61,6 +62,21 @@ def clone_inference_tensors(obj: Any) -> Any:
         if obj.cond.is_inference():
             obj.cond = obj.cond.clone()
     return obj
+
+
+def control_modules(conds: dict) -> list:
+    """The torch modules of every ControlNet / T2I adapter the conditioning carries, chained
+    ones (``previous_controlnet``) included: they run inside each model call, so autograd
+    goes through them as through the UNet."""
+    modules = {}
+    for cond_list in (conds or {}).values():
+        for control in comfy.sampler_helpers.get_models_from_cond(cond_list, "control"):
+            while control is not None:
+                for value in vars(control).values():
+                    if isinstance(value, torch.nn.Module):
+                        modules[id(value)] = value
+                control = getattr(control, "previous_controlnet", None)
+    return list(modules.values())
 
 
 def schedule_for(model_sampling) -> NoiseSchedule:

@@ -8,7 +8,7 @@ import torch
 
 from comfy_host import import_comfy
 from node_pack import load_node_pack
-from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
+from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint, sd15_controlnet
 from toy_models import Brightness, Float64Head, NaNAfter
 
 PROMPT = "a red apple on a wooden table"
@@ -105,6 +105,32 @@ def test_optimisation_raises_reward_and_leaves_host_model_intact(pack, sd15):
     after = host_sample(model, pos, neg, latent, "euler_ancestral", seed=11)
     assert torch.equal(before, after)
     assert noise.generate_noise({"samples": latent}).shape == latent.shape
+
+
+def test_controlnet_in_the_conditioning_is_differentiated_and_left_intact(pack, sd15):
+    """A ControlNet loaded by ComfyUI's loader under inference mode (inference-tensor weights)
+    and applied with ControlNetApplyAdvanced: DNO reproduces the controlled host sample,
+    optimises through the control model, and the host's controlled KSampler is unchanged."""
+    import comfy.controlnet
+    import nodes as comfy_nodes
+    model, vae, pos, neg = sd15
+    with torch.inference_mode():
+        net = comfy.controlnet.load_controlnet(str(sd15_controlnet()))
+        hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+        cpos, cneg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, net, hint, 1.0, 0.0, 1.0,
+                                                                            vae=vae)
+    latent = torch.zeros(1, 4, 8, 8)
+    uncontrolled = host_sample(model, pos, neg, latent, "euler_ancestral", seed=7)
+    before = host_sample(model, cpos, cneg, latent, "euler_ancestral", seed=7)
+    assert (before - uncontrolled).abs().max() > 1e-2                    # the control is live
+    plain, _, _ = dno_sample(pack, model, vae, cpos, cneg, latent, "sde", seed=7)
+    torch.testing.assert_close(plain, before, rtol=1e-4, atol=1e-4)
+    ours, _, history = dno_sample(pack, model, vae, cpos, cneg, latent, "sde", seed=7, opt_steps=2)
+    rewards = [s["reward"][0] for s in history["steps"]]
+    print("DNO rewards with a ControlNet:", rewards)
+    assert max(history["best_reward"]) > rewards[0]
+    assert all(p.grad is None for p in net.control_model.parameters())
+    assert torch.equal(host_sample(model, cpos, cneg, latent, "euler_ancestral", seed=7), before)
 
 
 def test_bad_inputs_are_clear_node_errors(pack, sd15):

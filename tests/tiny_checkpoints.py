@@ -78,6 +78,17 @@ def sd15_unet_layout(unet_config: dict = TINY_SD15_UNET) -> dict:
     return {"model.diffusion_model." + k: v for k, v in _meta_shapes(unet).items()}
 
 
+def sd15_controlnet_layout(unet_config: dict = TINY_SD15_UNET) -> dict:
+    """A ControlNet for the tiny SD1.5 UNet (its encoder copy, zero convs and the hint
+    encoder), under ``control_model.`` as in the released SD1.5 ControlNet files."""
+    import_comfy()
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+    config = {k: v for k, v in unet_config.items() if k != "out_channels"}
+    net = ControlNet(**config, hint_channels=3, device="meta", operations=comfy.ops.disable_weight_init)
+    return {"control_model." + k: v for k, v in _meta_shapes(net).items()}
+
+
 # The smallest MMDiT that ComfyUI's detection maps to the SD3 model config: only
 # in_channels=16 is pinned; depth comes from hidden_size // 64 and the block count.
 TINY_SD3_MMDIT = {
@@ -266,4 +277,20 @@ def sd3_checkpoint(folder: Path | str | None = None, *, seed: int = 0, vae: str 
                   metadata={"dno_tiny_checkpoint": json.dumps(spec, default=str)})
 
     path = _cached_file(f"tiny-sd3-{vae}-s{seed}", spec, build)
+    return _place(path, folder, filename)
+
+
+def sd15_controlnet(folder: Path | str | None = None, *, seed: int = 0,
+                    filename: str | None = None) -> Path:
+    """Path of a tiny SD1.5 ControlNet (``.safetensors``, ``control_model.*`` keys, fp16) that
+    ``ControlNetLoader`` / ``comfy.controlnet.load_controlnet`` read. Its zero convs are random,
+    not zero, so the control visibly changes the sample."""
+    spec = {"family": "sd15-controlnet", "unet": TINY_SD15_UNET, "seed": seed, "dtype": "fp16"}
+
+    def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+        save_file(build_state_dict(sd15_controlnet_layout(), seed), str(tmp),
+                  metadata={"dno_tiny_checkpoint": json.dumps(spec, default=str)})
+
+    path = _cached_file(f"tiny-sd15-controlnet-s{seed}", spec, build)
     return _place(path, folder, filename)

@@ -186,7 +186,6 @@ def run_ksampler(model, positive, negative, latent, settings: DNORunSettings, se
     sampler = DNOHostSampler(settings)
     out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                         seed=seed)
-    result = dict(latent)
+    result = dict(latent)     # as KSampler: the rest of the LATENT (noise_mask, batch_index) passes on
     result["samples"] = out.to(comfy.model_management.intermediate_device())
-    result.pop("noise_mask", None)
     return result, sampler

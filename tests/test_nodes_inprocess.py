@@ -53,11 +53,12 @@ def host_sample(model, pos, neg, latent, sampler_name, seed, steps=4, cfg=3.0, d
 
 def dno_sample(pack, model, vae, pos, neg, latent, mode, seed, opt_steps=0, steps=4, cfg=3.0,
                denoise=1.0, reward=None, **extra):
+    """``latent`` is a LATENT dict or just its samples."""
     node = pack.nodes.sampler.DNOKSampler()
     modes = list(pack.nodes.sampler.MODES)
     with torch.inference_mode():
         out, noise, history = node.sample(
-            model, pos, neg, {"samples": latent}, seed, steps, cfg, "normal", denoise,
+            model, pos, neg, latent if isinstance(latent, dict) else {"samples": latent}, seed, steps, cfg, "normal", denoise,
             vae=vae, reward=reward or Brightness(), sampler_mode=modes[0 if mode == "sde" else 1],
             opt_steps=opt_steps, lr=0.05, method="auto", precision="fp32", time_budget=0.0,
             reward_prompt="", **extra)
@@ -131,6 +132,34 @@ def test_controlnet_in_the_conditioning_is_differentiated_and_left_intact(pack, 
     assert max(history["best_reward"]) > rewards[0]
     assert all(p.grad is None for p in net.control_model.parameters())
     assert torch.equal(host_sample(model, cpos, cneg, latent, "euler_ancestral", seed=7), before)
+
+
+def test_inpainting_mask_is_respected(pack, sd15):
+    """A LATENT with a noise_mask (SetLatentNoiseMask): DNO at 0 steps is the host's inpainting
+    KSampler; optimised, only the masked region changes, and the mask is passed on as KSampler
+    passes it on."""
+    import comfy.sample
+    model, vae, pos, neg = sd15
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    with torch.inference_mode():
+        noise = comfy.sample.prepare_noise(start, 9)
+        host = comfy.sample.sample(model, noise, 4, 3.0, "euler_ancestral", "normal", pos, neg, start,
+                                   denoise=1.0, noise_mask=mask, seed=9, disable_pbar=True)
+    latent = {"samples": start, "noise_mask": mask}
+    plain, _, _ = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=9)
+    torch.testing.assert_close(plain, host, rtol=1e-4, atol=1e-4)
+    node = pack.nodes.sampler.DNOKSampler()
+    with torch.inference_mode():
+        out, _, history = node.sample(model, pos, neg, latent, 9, 4, 3.0, "normal", 1.0, vae=vae,
+                                      reward=Brightness(), sampler_mode=list(pack.nodes.sampler.MODES)[0],
+                                      opt_steps=2, lr=0.05, method="auto", precision="fp32",
+                                      time_budget=0.0, reward_prompt="")
+    ours, outside = out["samples"], (1 - mask).bool().expand_as(start)
+    assert torch.equal(out["noise_mask"], mask)
+    torch.testing.assert_close(ours[outside], start[outside], rtol=1e-5, atol=1e-5)
+    assert (ours - plain)[~outside].abs().max() > 1e-3
 
 
 def test_bad_inputs_are_clear_node_errors(pack, sd15):

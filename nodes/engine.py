@@ -130,6 +130,17 @@ class DNOHostSampler(comfy.samplers.Sampler):
             raise DNOError("DNO ran out of GPU memory: lower the batch size or the resolution, use "
                            "precision bf16/fp16, keep checkpointing on, or shorten the optimisation "
                            "window (opt_window)", result) from None
+        except RuntimeError as error:
+            result = getattr(error, "dno_result", None)
+            if "Inference tensors cannot be saved for backward" not in str(error):
+                raise
+            # DNO readies the UNet, the VAE, ControlNets / T2I adapters and the conditioning;
+            # a model patch from elsewhere (e.g. an IP-Adapter node) may hold weights it cannot see.
+            raise DNOError("DNO: a module in this model's patches was loaded under inference mode and "
+                           "cannot be differentiated. DNO handles the checkpoint's UNet (with LoRAs), "
+                           "the VAE, ControlNets / T2I adapters and the conditioning; remove other model "
+                           "patches (e.g. an IP-Adapter) from the MODEL that DNO samples",
+                           result) from error
         finally:
             self.result = result
             reporter.finish(result)

@@ -174,6 +174,14 @@ def test_bad_inputs_are_clear_node_errors(pack, sd15):
         dno_sample(pack, model, vae, pos, neg, torch.ones(1, 16, 8, 8), "sde", seed=1)
     with pytest.raises(DNOError, match="steps must be at least 1"):
         dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, steps=0)
+    # a model patch holding a weight made under inference mode (as custom nodes' adapters do)
+    with torch.inference_mode():
+        scale = torch.tensor(1.0)
+    patched = model.clone()
+    patched.set_model_attn1_output_patch(lambda n, extra_options: n * scale.to(n.dtype))
+    assert torch.isfinite(host_sample(patched, pos, neg, latent, "euler_ancestral", seed=1)).all()
+    with pytest.raises(DNOError, match="loaded under inference mode.*remove other model patches"):
+        dno_sample(pack, patched, vae, pos, neg, latent, "sde", seed=1, opt_steps=1)
     # NaN in the middle of a run: the run stops, the best latent comes out
     out, _, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=6,
                                  reward=NaNAfter(2))

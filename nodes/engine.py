@@ -117,30 +117,12 @@ class DNOHostSampler(comfy.samplers.Sampler):
         except DNOError as error:
             result = error.result
             raise DNOError(f"DNO: {error}", result) from None
-        except torch.utils.checkpoint.CheckpointError as error:
+        except RuntimeError as error:       # OOM, a checkpoint mismatch, an inference tensor
             result = getattr(error, "dno_result", None)
-            if not compiled:
+            message = explain_failure(error, compiled)
+            if message is None:
                 raise
-            raise DNOError("DNO: a checkpointed sampling step recomputed differently from its forward pass "
-                           "because torch.compile (TorchCompileModel) changed the compiled code in between. "
-                           "Set memory_mode to 'fastest (store every step)', or remove TorchCompileModel "
-                           "before the DNO node", result) from error
-        except torch.cuda.OutOfMemoryError as error:
-            result = getattr(error, "dno_result", None)
-            raise DNOError("DNO ran out of GPU memory: lower the batch size or the resolution, use "
-                           "precision bf16/fp16, keep checkpointing on, or shorten the optimisation "
-                           "window (opt_window)", result) from None
-        except RuntimeError as error:
-            result = getattr(error, "dno_result", None)
-            if "Inference tensors cannot be saved for backward" not in str(error):
-                raise
-            # DNO readies the UNet, the VAE, ControlNets / T2I adapters and the conditioning;
-            # a model patch from elsewhere (e.g. an IP-Adapter node) may hold weights it cannot see.
-            raise DNOError("DNO: a module in this model's patches was loaded under inference mode and "
-                           "cannot be differentiated. DNO handles the checkpoint's UNet (with LoRAs), "
-                           "the VAE, ControlNets / T2I adapters and the conditioning; remove other model "
-                           "patches (e.g. an IP-Adapter) from the MODEL that DNO samples",
-                           result) from error
+            raise DNOError(message, result) from error
         finally:
             self.result = result
             reporter.finish(result)
@@ -160,6 +142,26 @@ class DNOHostSampler(comfy.samplers.Sampler):
             prepare(device)
         elif isinstance(reward, torch.nn.Module):
             reward.to(device)
+
+
+def explain_failure(error: RuntimeError, compiled: bool) -> Optional[str]:
+    """The node error for a torch failure with a known cause and fix, or None."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return ("DNO ran out of GPU memory: lower the batch size or the resolution, use precision "
+                "bf16/fp16, set memory_mode to a low-memory mode, or shorten the optimisation window "
+                "(opt_window)")
+    if isinstance(error, torch.utils.checkpoint.CheckpointError) and compiled:
+        return ("DNO: a checkpointed sampling step recomputed differently from its forward pass because "
+                "torch.compile (TorchCompileModel) changed the compiled code in between. Set memory_mode "
+                "to 'fastest (store every step)', or remove TorchCompileModel before the DNO node")
+    if "Inference tensors cannot be saved for backward" in str(error):
+        # DNO readies the UNet, the VAE, ControlNets / T2I adapters and the conditioning; a
+        # model patch from another node pack (e.g. an IP-Adapter) may hold weights it cannot see.
+        return ("DNO: a module in this model's patches was loaded under inference mode and cannot be "
+                "differentiated. DNO handles the checkpoint's UNet (with LoRAs), the VAE, ControlNets / "
+                "T2I adapters and the conditioning; remove other model patches (e.g. an IP-Adapter) "
+                "from the MODEL that DNO samples")
+    return None
 
 
 def sampler_config(config: DNOConfig, base_model) -> DNOConfig:

@@ -93,6 +93,23 @@ class NaNAfter(Reward):
         return r * float("nan") if self.calls > self.good_calls else r
 
 
+class OutOfMemoryAfter(Reward):
+    """Brightness for the first ``calls`` evaluations, then CUDA's out-of-memory error, as a
+    reward model on a full card raises it."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.name = f"oom-after-{calls}"
+        self.good_calls = calls
+        self.calls = 0
+
+    def score(self, images, prompts=None):
+        self.calls += 1
+        if self.calls > self.good_calls:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return images.mean(dim=(1, 2, 3))
+
+
 def to_image(latent):
     """A fixed differentiable 'decoder': 4 latent channels -> RGB in (0, 1)."""
     w = torch.tensor([[0.6, -0.3, 0.2, 0.1], [0.1, 0.5, -0.2, 0.3], [-0.2, 0.2, 0.6, -0.1]],

@@ -4,8 +4,9 @@ Each iteration samples the image from the current noise (a graph through the
 sampler and decoder, checkpointed per step), scores it, records the best
 sample so far *per image*, reports to the caller, and takes one Adam step on
 ``-reward + gamma * regulariser``. The run ends after ``steps`` updates, on
-the time budget, on the target reward, on a non-finite value, or when the
-callback raises; in every case the best result found so far is kept.
+the time budget, on the target reward, on a non-finite value, when the GPU
+runs out of memory after a first sample, or when the callback raises; in
+every case the best result found so far is kept.
 """
 from __future__ import annotations
 
@@ -332,6 +333,13 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 optimizer.step()
     except StopOptimization as stop:
         stop_reason = f"stopped by callback at step {len(history) - 1}" + (f": {stop}" if str(stop) else "")
+    except torch.cuda.OutOfMemoryError as error:
+        if not best:        # nothing to keep: the caller says what to lower
+            error.dno_result = None
+            raise
+        # A later, larger graph ran out (a bigger estimator batch, fragmentation): keep what was found.
+        stop_reason = (f"out of GPU memory after {len(history)} scored samples; kept the best sample so far "
+                       "(lower the resolution or batch size, or use a low-memory mode)")
     except BaseException as error:
         # Interrupts (ComfyUI's Cancel, Ctrl-C, an OOM) keep what was found.
         error.dno_result = result()

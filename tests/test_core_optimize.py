@@ -6,7 +6,8 @@ import torch
 from dno import (DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, StopOptimization, TrainableNoise,
                  VP, hybrid_gradient, optimize, sample)
 from dno.rewards.base import Reward
-from tests.toy_models import Brightness, Float64Head, NaNAfter, ToyDenoiser, to_image, vp_sigmas
+from tests.toy_models import (Brightness, Float64Head, NaNAfter, OutOfMemoryAfter, ToyDenoiser, to_image,
+                               vp_sigmas)
 
 SIG = vp_sigmas(6)
 
@@ -159,6 +160,15 @@ def test_bad_rewards_are_named():
     res = run(DNOConfig(steps=10, lr=0.05), reward=NaNAfter(3))
     assert "non-finite reward at step 3" in res.stop_reason
     assert len(res.history) == 3 and torch.isfinite(res.best_reward).all()
+
+
+def test_out_of_memory_keeps_the_best_once_something_was_scored():
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run(DNOConfig(steps=5, lr=0.05), reward=OutOfMemoryAfter(0))
+    res = run(DNOConfig(steps=10, lr=0.05), reward=OutOfMemoryAfter(3))
+    assert "out of GPU memory after 3 scored samples" in res.stop_reason
+    assert len(res.history) == 3 and torch.isfinite(res.best_reward).all()
+    assert (res.best_reward >= res.initial_reward).all()
 
 
 def test_bad_config_is_named():

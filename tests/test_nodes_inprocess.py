@@ -182,11 +182,14 @@ def test_bad_inputs_are_clear_node_errors(pack, sd15):
     assert torch.isfinite(host_sample(patched, pos, neg, latent, "euler_ancestral", seed=1)).all()
     with pytest.raises(DNOError, match="loaded under inference mode.*remove other model patches"):
         dno_sample(pack, patched, vae, pos, neg, latent, "sde", seed=1, opt_steps=1)
-    # out of memory in the middle of a run: a node error that says what to lower, with the best
-    # result so far attached (the host sampler also keeps it)
-    with pytest.raises(DNOError, match="ran out of GPU memory.*memory_mode") as caught:
-        dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=4, reward=OutOfMemoryAfter(2))
-    assert caught.value.result is not None and len(caught.value.result.history) == 2
+    # out of memory before anything was scored: a node error that says what to lower
+    with pytest.raises(DNOError, match="ran out of GPU memory.*memory_mode"):
+        dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=4, reward=OutOfMemoryAfter(0))
+    # out of memory in the middle of a run: the run stops and the best latent comes out
+    out, _, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=4,
+                                 reward=OutOfMemoryAfter(2))
+    assert "out of GPU memory after 2 scored samples" in history["stop_reason"]
+    assert len(history["steps"]) == 2 and torch.isfinite(out).all()
     # NaN in the middle of a run: the run stops, the best latent comes out
     out, _, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=6,
                                  reward=NaNAfter(2))

@@ -78,36 +78,37 @@ class Float64Head(Reward):
         return self.head(images.mean(dim=(2, 3)))[:, 0]
 
 
-class NaNAfter(Reward):
-    """Brightness for the first ``calls`` evaluations, NaN afterwards."""
+class _BrightnessThenFailure(Reward):
+    """Brightness for the first ``calls`` evaluations, then the subclass's ``failure``."""
+    label = "fail"
 
     def __init__(self, calls):
         super().__init__()
-        self.name = f"nan-after-{calls}"
+        self.name = f"{self.label}-after-{calls}"
         self.good_calls = calls
         self.calls = 0
 
     def score(self, images, prompts=None):
         self.calls += 1
         r = images.mean(dim=(1, 2, 3))
-        return r * float("nan") if self.calls > self.good_calls else r
+        return r if self.calls <= self.good_calls else self.failure(r)
 
 
-class OutOfMemoryAfter(Reward):
-    """Brightness for the first ``calls`` evaluations, then CUDA's out-of-memory error, as a
-    reward model on a full card raises it."""
+class NaNAfter(_BrightnessThenFailure):
+    """NaN rewards after ``calls`` good ones."""
+    label = "nan"
 
-    def __init__(self, calls):
-        super().__init__()
-        self.name = f"oom-after-{calls}"
-        self.good_calls = calls
-        self.calls = 0
+    def failure(self, r):
+        return r * float("nan")
 
-    def score(self, images, prompts=None):
-        self.calls += 1
-        if self.calls > self.good_calls:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return images.mean(dim=(1, 2, 3))
+
+class OutOfMemoryAfter(_BrightnessThenFailure):
+    """CUDA's out-of-memory error after ``calls`` good rewards, as a reward model on a full card
+    raises it."""
+    label = "oom"
+
+    def failure(self, r):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def to_image(latent):

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from comfy_host import ComfyHostError, ComfyServer
-from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
+from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint, sd15_controlnet
 from workflow_format import api_to_ui, same_graph, ui_to_api
 
 pytestmark = pytest.mark.server
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "example_workflows" / "api"
 UI_DIR = REPO / "example_workflows"
 CKPT = "v1-5-pruned-emaonly.safetensors"
+CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
 STEP_LINE = re.compile(r"DNO step (\d+)/(\d+)\s+reward (-?[\d.]+)")
 
 
@@ -53,7 +54,8 @@ def server(tmp_path_factory):
     sd15 = sd15_checkpoint(models, vae="taesd", filename=CKPT)
     fresh = sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors")
     sd3 = sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")
-    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3]}, threads=2) as srv:
+    controlnet = sd15_controlnet(models, filename=CONTROLNET)
+    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3], "controlnet": [controlnet]}, threads=2) as srv:
         assert not srv.custom_node_import_failed(), srv.log_tail()
         Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(
             srv.input_dir / "example.png")
@@ -115,6 +117,17 @@ def test_img2img_refinement(server):
     rewards = rewards_from(log)
     assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
     assert image_of(server, entry, "DNO_img2img").shape == (64, 64, 3)
+
+
+def test_controlnet_workflow(server):
+    """ControlNetLoader + ControlNetApplyAdvanced (a Canny map of an image) before DNO."""
+    api = shrink(load_api("dno_controlnet"))
+    assert api["6"]["inputs"]["control_net_name"] == CONTROLNET
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged DNO rewards with a ControlNet:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert image_of(server, entry, "DNO_controlnet").shape == (64, 64, 3)
 
 
 def plain_graph(ckpt, prefix, after_dno=False):

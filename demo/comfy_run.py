@@ -75,6 +75,7 @@ class RunOptions:
     negative: Optional[str] = None
     reward: Optional[str] = None
     image: Optional[Path] = None
+    controlnet: Optional[Path] = None
     device: str = "auto"  # auto | cpu | gpu
     timeout: Optional[float] = None
     threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="positive prompt")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--reward", help="built-in reward (brightness, darkness, saturation, contrast, ...)")
-    p.add_argument("--image", type=Path, help="input image for the img2img workflow")
+    p.add_argument("--image", type=Path, help="input image for the img2img and ControlNet workflows")
+    p.add_argument("--controlnet", type=Path, help="ControlNet .safetensors for the dno_controlnet workflow")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: a CUDA GPU when torch sees one, else the CPU")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
@@ -229,6 +231,9 @@ def apply_overrides(api: dict, opts: RunOptions, checkpoint_name: str,
         _set(nodes_of(api, "DNOBuiltinReward"), "kind", opts.reward, "--reward", "DNOBuiltinReward")
     if image_name is not None:
         _set(nodes_of(api, "LoadImage"), "image", image_name, "--image", "LoadImage")
+    if opts.controlnet is not None:
+        _set(nodes_of(api, "ControlNetLoader"), "control_net_name", Path(opts.controlnet).name,
+             "--controlnet", "ControlNetLoader")
     return api
 
 
@@ -434,6 +439,15 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
     elif needed_input_images(api):
         raise ComfyRunError(f"--workflow {opts.workflow!r} starts from an input image; give one with "
                             "--image PATH.")
+    models = {"checkpoints": [checkpoint]}
+    if opts.controlnet is not None:
+        controlnet = Path(opts.controlnet).expanduser()
+        if not controlnet.is_file():
+            raise ComfyRunError(f"--controlnet {str(controlnet)!r}: no such file.")
+        models["controlnet"] = [controlnet.resolve()]
+    elif nodes_of(api, "ControlNetLoader"):
+        raise ComfyRunError(f"--workflow {opts.workflow!r} applies a ControlNet; give its file with "
+                            "--controlnet PATH.")
     prompt = apply_overrides(api, opts, checkpoint.name, image_name)
     cpu = use_cpu(opts.device)
 
@@ -453,7 +467,7 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
              "(try --width 256 --height 256 --steps 10 --opt-steps 5).")
 
     started = time.monotonic()
-    server = harness.ComfyServer(models={"checkpoints": [checkpoint]}, comfy_path=host, cpu=cpu,
+    server = harness.ComfyServer(models=models, comfy_path=host, cpu=cpu,
                                  threads=opts.threads)
     try:
         try:

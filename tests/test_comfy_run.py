@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tiny_checkpoints import sd15_checkpoint
+from tiny_checkpoints import sd15_checkpoint, sd15_controlnet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,6 +59,22 @@ def test_runs_workflow_streams_steps_and_writes_outputs(checkpoint, tmp_path, ca
 
 
 @pytest.mark.server
+@pytest.mark.server
+def test_controlnet_workflow_with_the_given_controlnet(checkpoint, tmp_path, capsys):
+    image = tmp_path / "layout.png"
+    Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)).save(image)
+    controlnet = sd15_controlnet(tmp_path / "cn", filename="my-canny.safetensors")
+    out = tmp_path / "out"
+    status = comfy_run.main(["--checkpoint", str(checkpoint), "--workflow", "dno_controlnet", *SMALL,
+                             "--image", str(image), "--controlnet", str(controlnet), "--out", str(out)])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    sent = json.loads((out / "prompt.json").read_text())
+    assert sent["6"]["inputs"]["control_net_name"] == "my-canny.safetensors"
+    assert len(json.loads((out / "rewards.json").read_text())["rewards"]) == 3 + 1
+    assert (out / "DNO_controlnet_00001_.png").is_file()
+
+
 def test_failed_prompt_shows_the_node_error(tmp_path, capsys):
     bad = tmp_path / "not-a-model.safetensors"
     save_file({"some.weight": torch.zeros(3)}, str(bad))
@@ -97,6 +113,10 @@ def test_bad_inputs_are_named(checkpoint, tmp_path, capsys):
         (["--checkpoint", str(checkpoint), "--workflow", "dno_img2img_refine"], ["--image"]),
         (["--checkpoint", str(checkpoint), "--workflow", "dno_img2img_refine", "--image", str(checkpoint),
           "--width", "64"], ["--width", "EmptyLatentImage"]),
+        (["--checkpoint", str(checkpoint), "--workflow", "dno_controlnet", "--image", str(checkpoint)],
+         ["--controlnet PATH"]),
+        (["--checkpoint", str(checkpoint), "--workflow", "dno_controlnet", "--image", str(checkpoint),
+          "--controlnet", str(tmp_path / "missing-cn.safetensors")], ["--controlnet", "no such file"]),
     ]
     for argv, words in cases:
         assert comfy_run.main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")]) == 1

@@ -335,7 +335,6 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         stop_reason = f"stopped by callback at step {len(history) - 1}" + (f": {stop}" if str(stop) else "")
     except torch.cuda.OutOfMemoryError as error:
         if not best:        # nothing to keep: the caller says what to lower
-            error.dno_result = None
             raise
         # A later, larger graph ran out (a bigger estimator batch, fragmentation): keep what was found.
         stop_reason = (f"out of GPU memory after {len(history)} scored samples; kept the best sample so far "

@@ -177,20 +177,20 @@ def uses_torch_compile(model_options: dict) -> bool:
     return TORCH_COMPILE_KWARGS in (model_options or {})
 
 
-def settle_compiled_model(denoiser: HostDenoiser, x: torch.Tensor, sigma: torch.Tensor, precision: str) -> None:
-    """One model call with autograd on, before DNO checkpoints any step, for a compiled model.
+def settle_compiled_model(denoiser: HostDenoiser, x: torch.Tensor, sigma: float, precision: str) -> None:
+    """One checkpointed model call, before DNO checkpoints any step, for a compiled model.
 
     Checkpointing recomputes a step in the backward pass and needs the same code
     to run as in its forward. While torch.compile is still compiling, it does
     not: once a function reaches dynamo's recompile limit mid-call it runs
     eagerly from then on, so a forward half compiled is recomputed eagerly and
-    the saved tensors no longer match. A first call as a checkpointed step makes
-    it (grad mode, precision, checkpoint hooks) lets every function settle on
-    compiled or eager for good; under checkpoint it keeps no activations.
+    the saved tensors no longer match. One call made the way a checkpointed step
+    makes it (grad mode, precision, checkpoint hooks) lets every function settle
+    on compiled or eager for good, and keeps no activations.
     """
-    sigmas = sigma.reshape(1).to(x.device).expand(x.shape[0])
     with torch.enable_grad(), autocast(precision, x.device):
-        torch.utils.checkpoint.checkpoint(denoiser, x, sigmas, use_reentrant=False)
+        torch.utils.checkpoint.checkpoint(denoiser, x, x.new_full((x.shape[0],), float(sigma)),
+                                          use_reentrant=False)
 
 
 def host_step_noises(x_T: torch.Tensor, sigmas, seed: Optional[int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
 from ..dno.frozen import frozen_parameters
+from ..dno.input_grad_conv import input_grad_convolutions
 from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
                    uses_torch_compile, vae_decoder)
@@ -99,7 +100,9 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 config = sampler_config(s.config, base_model)
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
-                with frozen_parameters((base_model, *controls, s.vae.first_stage_model, s.reward)):
+                # (convolutions included, which autograd would otherwise keep regardless)
+                modules = (base_model, *controls, s.vae.first_stage_model, s.reward)
+                with frozen_parameters(modules), input_grad_convolutions(modules):
                     if compiled:
                         settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,

@@ -179,6 +179,18 @@ def unfreeze(pack) -> None:
         sys.modules[f"{pack.__name__}.{name}"].frozen_parameters = not_frozen
 
 
+def stock_convolutions(pack) -> None:
+    """Swap the input-gradient-only convolutions for a no-op (``--stock-conv``): the A/B of
+    dno/input_grad_conv.py."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def stock(modules):
+        yield 0
+    for name in ("nodes.engine", "dno.optimize"):
+        sys.modules[f"{pack.__name__}.{name}"].input_grad_convolutions = stock
+
+
 def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:
     """Top operators by device (or CPU) time, and how busy the GPU was over the run."""
     averages = profiler.key_averages()
@@ -188,8 +200,10 @@ def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:
     if cuda:
         kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
         busy = kernel_us / 1e6 / wall
+    # the host side: where the Python and launch time goes (the GPU idles when this dominates)
+    host = averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60) if cuda else ""
     with open(path, "w") as f:
-        f.write(f"wall {wall:.3f} s; GPU kernel time / wall = {busy}\n{table}\n")
+        f.write(f"wall {wall:.3f} s; GPU kernel time / wall = {busy}\n{table}\n{host}\n")
     print(f"profile: wall {wall:.3f} s, GPU busy fraction {busy}", flush=True)
     print(table[:3500], flush=True)
 
@@ -205,12 +219,17 @@ def main(argv=None) -> None:
     ap.add_argument("--plain-repeats", type=int, default=2)
     ap.add_argument("--profile", default="", help="precision:mode to profile with torch.profiler")
     ap.add_argument("--profile-out", default="profile.txt")
+    ap.add_argument("--profile-steps", type=int, default=10,
+                    help="sampling steps of the profiled run (2 updates): every step does the same work, "
+                         "and the profiler's tables over 50 steps take longer than the run")
     ap.add_argument("--tiny", action="store_true", help="tiny UNet, 64x64 images (CPU smoke test)")
     ap.add_argument("--resolution", type=int, default=0,
                     help="image side in pixels (default: 512 for SD1.5, 1024 for SDXL, 64 with --tiny)")
     ap.add_argument("--weight-grads", action="store_true",
                     help="reproduce the runs before a5be112: leave requires_grad on the weights, so "
                          "every backward also computes weight gradients (A/B of dno/frozen.py)")
+    ap.add_argument("--stock-conv", action="store_true",
+                    help="let autograd's convolution save its inputs, as before input_grad_conv.py (A/B)")
     ap.add_argument("--compile", default="", metavar="BACKEND",
                     help="compile the UNet the way ComfyUI's TorchCompileModel node does "
                          "(set_torch_compile_wrapper; inductor, cudagraphs, aot_eager...), "
@@ -224,6 +243,8 @@ def main(argv=None) -> None:
     pack = load_node_pack()
     if args.weight_grads:
         unfreeze(pack)
+    if args.stock_conv:
+        stock_convolutions(pack)
     from models import build
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -250,16 +271,21 @@ def main(argv=None) -> None:
                 mode, updates = mode.split("@")
                 opt_steps = int(updates)
             try:
-                record = dno_run(pack, bench, precision, mode, args.steps, 2 if profiling else opt_steps,
-                                 args.seed, device, args.profile_out if profiling else None)
+                if profiling:
+                    dno_run(pack, bench, precision, mode, args.profile_steps, 2, args.seed, device,
+                            args.profile_out)
+                    continue
+                record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device)
             except torch.cuda.OutOfMemoryError as error:
                 record = {"error": f"out of memory: {str(error)[:200]}"}
             except Exception as error:  # keep measuring the other configurations
                 record = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
-            if profiling:
+            if profiling:     # the profile went to its file; only a failure is reported here
+                print(json.dumps({"profile": args.profile, **record}), flush=True)
                 continue
             record = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
                       "model": args.model, "tiny": args.tiny, "weight_grads": args.weight_grads,
+                      "stock_conv": args.stock_conv,
                       "compile": args.compile or None, "resolution": bench.width, "steps": args.steps,
                       "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",

@@ -16,7 +16,7 @@ The budget is a cap on the memory the framework allocates on the device (what
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -36,31 +36,41 @@ class MemoryPlan:
     decode_bytes: int          # activations of one decode
     in_use_bytes: int          # allocated when the plan was made (weights, noise, ...)
     budget_bytes: int
+    # held back for the backward of one recomputed step or decode (its activations, their
+    # gradients and temporaries) and for what the optimisation allocates later (noise gradients,
+    # optimiser moments)
+    reserve_bytes: int = 0
 
     def describe(self) -> str:
         return (f"store {self.stored_steps} steps of {self.step_bytes / GIB:.2f} GiB, "
                 f"{'block' if self.block_checkpointing else 'step'} checkpointing for the rest; "
-                f"{self.in_use_bytes / GIB:.2f} GiB in use, budget {self.budget_bytes / GIB:.2f} GiB")
+                f"{self.in_use_bytes / GIB:.2f} GiB in use, {self.reserve_bytes / GIB:.2f} GiB held back for "
+                f"the backward pass, budget {self.budget_bytes / GIB:.2f} GiB")
 
 
 def plan_stored_steps(budget_bytes: int, in_use_bytes: int, step_bytes: int, decode_bytes: int,
-                      window: int, can_checkpoint_blocks: bool = False) -> MemoryPlan:
+                      window: int, can_checkpoint_blocks: bool = False, working_bytes: Optional[int] = None,
+                      state_bytes: int = 0) -> MemoryPlan:
     """How many of ``window`` steps keep activations within ``budget_bytes``.
 
-    Recomputing one step (or the decode) during the backward pass briefly
-    needs about twice its stored activations (the activations plus their
-    gradients), so that much is held back before stored steps are counted.
+    Recomputing one step (or the decode) during the backward pass needs its
+    activations, their gradients and the temporaries of both: ``working_bytes``
+    as measured (see :func:`activation_cost`), else about twice the stored
+    activations. That, and ``state_bytes`` the run allocates after planning
+    (noise gradients, optimiser moments), is held back before stored steps
+    are counted.
     """
     window = max(0, int(window))
-    transient = 2 * max(int(step_bytes), int(decode_bytes))
-    room = int(budget_bytes) - int(in_use_bytes) - transient
+    working = 2 * max(int(step_bytes), int(decode_bytes)) if working_bytes is None else int(working_bytes)
+    reserve = working + int(state_bytes)
+    room = int(budget_bytes) - int(in_use_bytes) - reserve
     if step_bytes <= 0:
         stored = window
     else:
         stored = max(0, min(window, room // int(step_bytes)))
     blocks = bool(can_checkpoint_blocks) and room < 0
     return MemoryPlan(stored, blocks, int(step_bytes), int(decode_bytes), int(in_use_bytes),
-                      int(budget_bytes))
+                      int(budget_bytes), reserve)
 
 
 def default_budget_bytes(device: torch.device) -> Optional[int]:
@@ -75,18 +85,24 @@ def default_budget_bytes(device: torch.device) -> Optional[int]:
     return max(0, allocated + cached_unused + free - reserve)
 
 
-def activation_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
-    """Bytes that ``fn(x)`` keeps alive for its backward pass (CUDA only; 0 elsewhere).
+def activation_cost(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Tuple[int, int]:
+    """``(kept, working)`` bytes of ``fn(x)`` on CUDA (0, 0 elsewhere): what the call keeps alive
+    for its backward pass, and the most it allocates at once over the call and that backward.
 
-    Runs ``fn`` once with autograd on and ``x`` as a leaf, reads the
-    allocator's counter with the output still alive, and frees everything.
+    Runs ``fn`` once with autograd on and ``x`` as a leaf, reads the allocator's
+    counter with the output still alive, backpropagates a gradient of ones, and
+    frees everything. Resets the device's peak-memory counter.
     """
     if x.device.type != "cuda":
-        return 0
+        return 0, 0
     leaf = x.detach().requires_grad_(True)
+    torch.cuda.synchronize(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
     before = torch.cuda.memory_allocated(x.device)
     with torch.enable_grad():
         out = fn(leaf)
         kept = torch.cuda.memory_allocated(x.device) - before
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
+    working = torch.cuda.max_memory_allocated(x.device) - before
     del out, leaf
-    return max(0, int(kept))
+    return max(0, int(kept)), max(0, int(working))

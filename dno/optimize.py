@@ -24,7 +24,7 @@ from .errors import DNOError, StopOptimization
 from .frozen import frozen_parameters
 from .input_grad_conv import input_grad_convolutions
 from .gradients import hybrid_gradient, zeroth_order_gradient
-from .memory import GIB, MemoryPlan, activation_bytes, default_budget_bytes, plan_stored_steps
+from .memory import GIB, MemoryPlan, activation_cost, default_budget_bytes, plan_stored_steps
 from .noise import DNONoise, TrainableNoise
 from .precision import autocast, check_precision, grad_scaler
 from .regularizer import ProbabilityRegularizer, RegularizerTerms
@@ -205,7 +205,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         keep = True
         if method in ("autograd", "hybrid"):
             plan = _plan_memory(config, denoiser, decode, schedule, eta, sig, window, noise, latent,
-                                full_denoise)
+                                full_denoise, params.leaves)
         if plan is not None:
             keep, blocks = plan.stored_steps, plan.block_checkpointing
             store_decode = plan.stored_steps >= window and not blocks
@@ -355,7 +355,8 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
 
 
 def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig: List[float],
-                 window: int, noise: DNONoise, latent, full_denoise: bool) -> Optional[MemoryPlan]:
+                 window: int, noise: DNONoise, latent, full_denoise: bool,
+                 trainable: List[torch.Tensor]) -> Optional[MemoryPlan]:
     """Measure one step's and one decode's activations on the device and plan the storage.
 
     Off CUDA there is no allocator counter to read: None (recompute every step).
@@ -370,11 +371,14 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     with torch.no_grad():
         x = schedule.start(sig[0], noise.x_T.detach(), latent, full_denoise)
     with autocast(config.sampler_precision, device):
-        step = activation_bytes(lambda v: denoise_step(denoiser, schedule, eta, sig[first], sig[first + 1],
-                                                       v, z), x)
-        decoded = activation_bytes(decode, x)
+        step, step_working = activation_cost(lambda v: denoise_step(denoiser, schedule, eta, sig[first],
+                                                                    sig[first + 1], v, z), x)
+        decoded, decode_working = activation_cost(decode, x)
     can_blocks = bool(segments_of(denoiser) or segments_of(decode))
-    return plan_stored_steps(budget, torch.cuda.memory_allocated(device), step, decoded, window, can_blocks)
+    # allocated once the loop runs: a gradient and AdamW's two moments per optimised noise tensor
+    state = 3 * sum(t.numel() * t.element_size() for t in trainable)
+    return plan_stored_steps(budget, torch.cuda.memory_allocated(device), step, decoded, window, can_blocks,
+                             working_bytes=max(step_working, decode_working), state_bytes=state)
 
 
 def _next_iteration_estimate(history: List[StepRecord]) -> float:

@@ -77,6 +77,14 @@ def test_plan_keeps_what_fits_after_the_recompute_reserve():
     assert plan_stored_steps(100 * GIB, 0, GIB, 0, window=20).stored_steps == 20
 
 
+def test_plan_holds_back_the_measured_backward_and_the_optimiser_state():
+    # 20 - 2 in use - 5 for one step's backward (measured) - 1 for noise gradients and moments = 12
+    plan = plan_stored_steps(20 * GIB, 2 * GIB, GIB, GIB // 2, window=50, working_bytes=5 * GIB,
+                             state_bytes=GIB)
+    assert (plan.stored_steps, plan.reserve_bytes) == (12, 6 * GIB)
+    assert "6.00 GiB held back" in plan.describe()
+
+
 def test_plan_falls_back_to_block_checkpointing_only_when_nothing_fits():
     tight = plan_stored_steps(3 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
     assert (tight.stored_steps, tight.block_checkpointing) == (0, True)
@@ -187,10 +195,11 @@ def test_cuda_budget_caps_the_stored_steps_and_the_peak():
     full_x_T = full.noise.x_T.cpu()
     del full
     gc.collect()
-    # The planner counts what is in use when it plans (the noise, the optimiser state...), which
-    # the same run in the same process repeats: room for the reserve, 5 steps and half a step.
-    step, reserve = plan.step_bytes, 2 * max(plan.step_bytes, plan.decode_bytes)
-    budget = plan.in_use_bytes + reserve + 5 * step + step // 2
+    # The same run in the same process plans against the same memory in use: room for what the
+    # planner holds back (one step's backward, the optimiser state), 5 steps and half a step.
+    step = plan.step_bytes
+    assert plan.reserve_bytes > 2 * step      # the measured backward: activations, gradients, temporaries
+    budget = plan.in_use_bytes + plan.reserve_bytes + 5 * step + step // 2
     torch.cuda.reset_peak_memory_stats(device)
     capped = optimize(den, sigmas, Brightness(), decode, nz, VP, 1.0,
                       config=DNOConfig(steps=1, checkpoint="auto", memory_budget_gb=budget / GIB))

@@ -206,7 +206,13 @@ def test_cuda_budget_caps_the_stored_steps_and_the_peak():
     assert plan.stored_steps == 20
     assert capped.memory_plan.stored_steps == 5, capped.memory_plan
     assert torch.cuda.max_memory_allocated(device) <= budget
-    torch.testing.assert_close(capped.noise.x_T.cpu(), full_x_T)
+    # Same computation, but CUDA's backward sums in no fixed order, and AdamW's first update is
+    # lr * sign(gradient): where a gradient is ~0 its sign may flip (|difference| = 2 lr) in a few
+    # places. Everywhere else the update is identical.
+    lr = DNOConfig().lr
+    differs = (capped.noise.x_T.cpu() - full_x_T).abs()
+    assert differs.max() <= 2 * lr + 1e-5
+    assert (differs > 1e-5).float().mean() < 0.01
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ of a UNet step's; the values are the same, only the memory differs.
 ``input_grad_convolutions(modules)`` makes every ``Conv2d`` in the modules
 whose weight and bias do not require grad use :class:`InputGradConv2d` for
 the duration (a module with a trainable weight keeps the stock path), and
-restores them afterwards.
+restores them afterwards. Code that torch.compile traces keeps the stock path.
 """
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ def _input_grad_conv_forward(module: torch.nn.Conv2d):
 
     def conv_forward(input, weight, bias):
         frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
-        if not (torch.is_grad_enabled() and input.requires_grad and frozen):
+        # Under torch.compile (ComfyUI's TorchCompileModel) the stock path: AOTAutograd plans
+        # what the compiled backward saves itself, and a custom Function there broke the graph
+        # at every convolution (dynamo then recompiled per weight shape and fell back to eager).
+        if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and input.requires_grad and frozen):
             return stock(input, weight, bias)
         return InputGradConv2d.apply(input, weight, bias, module.stride, module.padding, module.dilation,
                                      module.groups)

@@ -8,13 +8,15 @@
 #   sd15-compile  SD1.5 512²: bf16 auto/step through TorchCompileModel (inductor)
 #   sdxl          SDXL 1024²: bf16 auto, bf16 blocks (low memory), fp16 auto
 #   fp32          SD1.5 512² fp32 auto (3 updates)
+#   channels-last SD1.5 bf16 auto and SDXL bf16 blocks with NHWC weights (21 % of run 2's GPU time
+#                 was cuDNN's layout conversion)
 #   tests         the gpu-marked tests (CUDA core tests and the ComfyUI path on CUDA)
 #
 # .cache/comfyui is ComfyUI 0.3.75 (the tests fetch it); .whl holds the two pure-Python wheels
 # ComfyUI needs that the device image lacks (torchsde, trampoline). Results go to $OUT
 # (results.jsonl, the log, the profile); the markdown table is printed last.
 set -euo pipefail
-part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|fp32|tests}
+part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|fp32|channels-last|tests}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -28,6 +30,8 @@ case "$part" in
   sd15-compile) bench --model sd15 --configs bf16:auto,bf16:step --compile inductor ;;
   sdxl) bench --model sdxl --configs bf16:auto@3,bf16:blocks@2,fp16:auto@3 ;;
   fp32) bench --model sd15 --configs fp32:auto@3 ;;
+  channels-last) bench --model sd15 --configs bf16:auto@4 --channels-last
+                 bench --model sdxl --configs bf16:blocks@2 --plain-repeats 1 --channels-last ;;
   # only the file with gpu tests: the device image lacks open_clip and the browser stack that
   # other test modules import at collection
   tests) python3 -m pytest tests/test_gpu_memory.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt"

@@ -230,6 +230,9 @@ def main(argv=None) -> None:
                          "every backward also computes weight gradients (A/B of dno/frozen.py)")
     ap.add_argument("--stock-conv", action="store_true",
                     help="let autograd's convolution save its inputs, as before input_grad_conv.py (A/B)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="UNet and VAE weights in channels-last (NHWC) memory format, for the plain "
+                         "generation and DNO alike (cuDNN converts NCHW tensors for its Hopper kernels)")
     ap.add_argument("--compile", default="", metavar="BACKEND",
                     help="compile the UNet the way ComfyUI's TorchCompileModel node does "
                          "(set_torch_compile_wrapper; inductor, cudagraphs, aot_eager...), "
@@ -254,6 +257,9 @@ def main(argv=None) -> None:
     profiled = [args.profile.split(":")[0]] if args.profile else []
     for precision in dict.fromkeys([p for p, _ in configs] + profiled):
         bench = build(args.model, precision, device, tiny=args.tiny, resolution=args.resolution)
+        if args.channels_last:     # NHWC weights: cuDNN's Hopper kernels need no layout conversion
+            bench.model.model.diffusion_model.to(memory_format=torch.channels_last)
+            bench.vae.first_stage_model.to(memory_format=torch.channels_last)
         if args.compile:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
             set_torch_compile_wrapper(model=bench.model, backend=args.compile)
@@ -285,7 +291,7 @@ def main(argv=None) -> None:
                 continue
             record = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
                       "model": args.model, "tiny": args.tiny, "weight_grads": args.weight_grads,
-                      "stock_conv": args.stock_conv,
+                      "stock_conv": args.stock_conv, "channels_last": args.channels_last,
                       "compile": args.compile or None, "resolution": bench.width, "steps": args.steps,
                       "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",

@@ -27,9 +27,18 @@ def segments_of(fn) -> List[torch.nn.Module]:
     return [m for m in (segments or ()) if isinstance(m, torch.nn.Module)]
 
 
+def _snapshot(value):
+    # A host passes option dicts by reference and updates them as the model runs (ComfyUI's
+    # transformer_options names the current block); the recompute in the backward pass must see
+    # them as this call did, not as the last block left them.
+    return dict(value) if type(value) is dict else value
+
+
 def _checkpointed(forward):
     def run(*args, **kwargs):
         if torch.is_grad_enabled():
+            args = tuple(_snapshot(a) for a in args)
+            kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
             return _checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
     return run

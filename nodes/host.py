@@ -117,14 +117,27 @@ class HostSchedule(NoiseSchedule):
 
 
 def model_blocks(diffusion_model: torch.nn.Module) -> list:
-    """The diffusion model's top-level blocks, for block checkpointing in the lowest-memory mode:
-    a UNet's input, middle and output blocks; a DiT's block lists (MMDiT, Flux, ...)."""
+    """The diffusion model's blocks, for block checkpointing in the lowest-memory mode: the
+    layers of a UNet's input, middle and output blocks; a DiT's block lists (MMDiT, Flux, ...).
+
+    A block is checkpointed by wrapping its ``forward``, so it must be called as a module. The
+    ComfyUI UNet runs its ``TimestepEmbedSequential`` blocks through ``forward_timestep_embed``,
+    which calls each layer inside but never the container's ``forward``: the layers are the
+    blocks there.
+    """
     blocks = []
     for name, child in diffusion_model.named_children():
         if isinstance(child, torch.nn.ModuleList):
-            blocks.extend(child)
+            members = list(child)
         elif name == "middle_block":
-            blocks.append(child)
+            members = [child]
+        else:
+            continue
+        for member in members:
+            if isinstance(member, torch.nn.Sequential):
+                blocks.extend(member.children())
+            else:
+                blocks.append(member)
     return blocks
 
 

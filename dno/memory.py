@@ -102,7 +102,8 @@ def activation_cost(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     with torch.enable_grad():
         out = fn(leaf)
         kept = torch.cuda.memory_allocated(x.device) - before
-        torch.autograd.grad(out, leaf, torch.ones_like(out))
+        if out.requires_grad:
+            torch.autograd.grad(out, leaf, torch.ones_like(out))
     working = torch.cuda.max_memory_allocated(x.device) - before
     del out, leaf
     return max(0, int(kept)), max(0, int(working))

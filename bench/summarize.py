@@ -32,6 +32,9 @@ def main(paths) -> None:
             stored = f"{stored} + blocks"
         mode = r["mode"] + (" (weight grads on)" if r.get("weight_grads") else "")
         mode += " + compile" if r.get("compile") else ""
+        mode += " (stock conv)" if r.get("stock_conv") else ""
+        mode += " [invalid: see note]" if r.get("note") else ""
+        mode += " + channels-last" if r.get("channels_last") else ""
         print(f"| {r['model']} {r['resolution']}² | {r['precision']} | {mode} | {fmt(r['plain_generation_s'])} "
               f"| {fmt(r['dno_step_s'])} | {fmt(r.get('ratio_to_plain'))} | {fmt(r['peak_gib'])} | {stored} "
               f"| {r['released']} |")

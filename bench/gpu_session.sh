@@ -10,13 +10,16 @@
 #   fp32          SD1.5 512² fp32 auto (3 updates)
 #   channels-last SD1.5 bf16 auto and SDXL bf16 blocks with NHWC weights (21 % of run 2's GPU time
 #                 was cuDNN's layout conversion)
+#   confirm       what issue 7 still needs after session 10, in one call: SDXL/SD1.5 bf16 blocks
+#                 (layer checkpointing of the UNet, predicted 8.6 / 2.7 GiB), SD1.5 auto with and
+#                 without --stock-conv on the same machine, SDXL fp32 auto
 #   tests         the gpu-marked tests (CUDA core tests and the ComfyUI path on CUDA)
 #
 # .cache/comfyui is ComfyUI 0.3.75 (the tests fetch it); .whl holds the two pure-Python wheels
 # ComfyUI needs that the device image lacks (torchsde, trampoline). Results go to $OUT
 # (results.jsonl, the log, the profile); the markdown table is printed last.
 set -euo pipefail
-part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|fp32|channels-last|tests}
+part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|fp32|channels-last|confirm|tests}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -30,6 +33,10 @@ case "$part" in
   sd15-compile) bench --model sd15 --configs bf16:auto,bf16:step --compile inductor ;;
   sdxl) bench --model sdxl --configs bf16:auto@3,bf16:blocks@2,fp16:auto@3 ;;
   fp32) bench --model sd15 --configs fp32:auto@3 ;;
+  confirm) bench --model sdxl --configs bf16:blocks@2 --plain-repeats 1
+           bench --model sd15 --configs bf16:blocks@3,bf16:auto@4
+           bench --model sd15 --configs bf16:auto@4 --stock-conv
+           bench --model sdxl --configs fp32:auto@2 --plain-repeats 1 ;;
   channels-last) bench --model sd15 --configs bf16:auto@4 --channels-last
                  bench --model sdxl --configs bf16:blocks@2 --plain-repeats 1 --channels-last ;;
   # only the file with gpu tests: the device image lacks open_clip and the browser stack that

@@ -168,27 +168,17 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
     }
 
 
-def unfreeze(pack) -> None:
-    """Swap the weight freezing of the core and the host sampler for a no-op (``--weight-grads``)."""
+def switch_off(pack, context_name: str) -> None:
+    """Replace a context manager the core and the host sampler enter around a run by a no-op, for
+    an A/B: ``frozen_parameters`` (``--weight-grads``, as before a5be112) or
+    ``input_grad_convolutions`` (``--stock-conv``, autograd's own convolution)."""
     import contextlib
 
     @contextlib.contextmanager
-    def not_frozen(modules):
+    def no_op(modules):
         yield 0
     for name in ("nodes.engine", "dno.optimize"):
-        sys.modules[f"{pack.__name__}.{name}"].frozen_parameters = not_frozen
-
-
-def stock_convolutions(pack) -> None:
-    """Swap the input-gradient-only convolutions for a no-op (``--stock-conv``): the A/B of
-    dno/input_grad_conv.py."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def stock(modules):
-        yield 0
-    for name in ("nodes.engine", "dno.optimize"):
-        sys.modules[f"{pack.__name__}.{name}"].input_grad_convolutions = stock
+        setattr(sys.modules[f"{pack.__name__}.{name}"], context_name, no_op)
 
 
 def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:
@@ -245,9 +235,9 @@ def main(argv=None) -> None:
     import_comfy(cpu=args.device == "cpu")
     pack = load_node_pack()
     if args.weight_grads:
-        unfreeze(pack)
+        switch_off(pack, "frozen_parameters")
     if args.stock_conv:
-        stock_convolutions(pack)
+        switch_off(pack, "input_grad_convolutions")
     from models import build
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -98,8 +98,7 @@ def main(argv=None) -> None:
     host = sys.modules[pack.__name__ + ".nodes.host"]
     core = f"{pack.__name__}.dno"
     checkpointed_blocks = importlib.import_module(f"{core}.checkpointing").checkpointed_blocks
-    frozen_parameters = importlib.import_module(f"{core}.frozen").frozen_parameters
-    input_grad_convolutions = importlib.import_module(f"{core}.input_grad_conv").input_grad_convolutions
+    noise_only_backward = importlib.import_module(f"{core}.frozen").noise_only_backward
     from models import RESOLUTION, TEXT, build_model, build_vae
 
     target = args.target or RESOLUTION[args.model]
@@ -133,7 +132,7 @@ def main(argv=None) -> None:
         else:
             raise SystemExit(f"unknown case {case!r}: step, step-blocks, decode, decode-blocks")
         t0 = time.perf_counter()
-        with frozen_parameters([module]), input_grad_convolutions([module]), checkpointed_blocks(blocks):
+        with noise_only_backward([module]), checkpointed_blocks(blocks):
             counted = count(fn, x, module)
         record = {"date": datetime.date.today().isoformat(), "device": "cpu (counted)",
                   "torch": torch.__version__, "model": args.model, "case": case,

@@ -169,16 +169,16 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
 
 
 def switch_off(pack, context_name: str) -> None:
-    """Replace a context manager the core and the host sampler enter around a run by a no-op, for
-    an A/B: ``frozen_parameters`` (``--weight-grads``, as before a5be112) or
-    ``input_grad_convolutions`` (``--stock-conv``, autograd's own convolution)."""
+    """Replace one part of ``noise_only_backward`` (dno/frozen.py), which the core and the host
+    sampler enter around a run, by a no-op, for an A/B: ``frozen_parameters`` (``--weight-grads``,
+    as before a5be112) or ``input_grad_convolutions`` (``--stock-conv``, autograd's own
+    convolution)."""
     import contextlib
 
     @contextlib.contextmanager
     def no_op(modules):
         yield 0
-    for name in ("nodes.engine", "dno.optimize"):
-        setattr(sys.modules[f"{pack.__name__}.{name}"], context_name, no_op)
+    setattr(sys.modules[f"{pack.__name__}.dno.frozen"], context_name, no_op)
 
 
 def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:

@@ -7,7 +7,8 @@ as large as the weights that outlives the run. Weights loaded the usual way
 in ComfyUI are inference tensors that the host adapter replaces by
 non-grad clones, but a model built or loaded outside inference mode keeps
 ``requires_grad=True``; so the flags are switched off for the run and
-restored afterwards.
+restored afterwards. ``noise_only_backward`` is what a run enters: the freezing
+together with the input-gradient convolutions that frozen weights allow.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import contextlib
 from typing import Iterable, Iterator
 
 import torch
+
+from .input_grad_conv import input_grad_convolutions
 
 
 @contextlib.contextmanager
@@ -38,3 +41,13 @@ def frozen_parameters(modules: Iterable) -> Iterator[int]:
     finally:
         for p in changed:
             p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def noise_only_backward(modules: Iterable) -> Iterator[int]:
+    """The backward pass DNO needs, for the gradient of the noise alone: the modules' weights
+    frozen (above), and their frozen convolutions saving the weight rather than the input
+    (``input_grad_conv.py``). Yields how many parameters were frozen."""
+    modules = tuple(modules)
+    with frozen_parameters(modules) as frozen, input_grad_convolutions(modules):
+        yield frozen

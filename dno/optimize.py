@@ -21,8 +21,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .checkpointing import checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
-from .frozen import frozen_parameters
-from .input_grad_conv import input_grad_convolutions
+from .frozen import noise_only_backward
 from .gradients import hybrid_gradient, zeroth_order_gradient
 from .memory import GIB, MemoryPlan, activation_cost, default_budget_bytes, plan_stored_steps
 from .noise import DNONoise, TrainableNoise
@@ -248,10 +247,9 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     try:
         # Around the whole loop: the blocks must stay patched through every backward pass.
         scopes.enter_context(checkpointed_blocks(segments))
-        # Gradients flow to the noise only: weights of module callables get none (see frozen.py).
-        scopes.enter_context(frozen_parameters((denoiser, decode, reward)))
-        # ...so their convolutions need not keep their inputs (see input_grad_conv.py)
-        scopes.enter_context(input_grad_convolutions((denoiser, decode, reward)))
+        # Gradients flow to the noise only: weights of module callables get none, and their
+        # convolutions need not keep their inputs (see frozen.py).
+        scopes.enter_context(noise_only_backward((denoiser, decode, reward)))
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
             graph = not last and method in ("autograd", "hybrid")

@@ -20,8 +20,7 @@ import comfy.model_management
 import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
-from ..dno.frozen import frozen_parameters
-from ..dno.input_grad_conv import input_grad_convolutions
+from ..dno.frozen import noise_only_backward
 from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
                    uses_torch_compile, vae_decoder)
@@ -101,8 +100,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
-                modules = (base_model, *controls, s.vae.first_stage_model, s.reward)
-                with frozen_parameters(modules), input_grad_convolutions(modules):
+                with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)):
                     if compiled:
                         settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,

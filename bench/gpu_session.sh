@@ -7,6 +7,7 @@
 #   sd15          SD1.5 512²: bf16 auto/step/blocks, fp16 auto, and the torch.profiler table
 #   sd15-compile  SD1.5 512²: bf16 auto/step through TorchCompileModel (inductor)
 #   sdxl          SDXL 1024²: bf16 auto, bf16 blocks (low memory), fp16 auto
+#   sdxl-compile  SDXL 1024²: bf16 auto through TorchCompileModel (inductor)
 #   fp32          SD1.5 512² fp32 auto (3 updates)
 #   channels-last SD1.5 bf16 auto and SDXL bf16 blocks with NHWC weights (21 % of run 2's GPU time
 #                 was cuDNN's layout conversion)
@@ -19,7 +20,7 @@
 # ComfyUI needs that the device image lacks (torchsde, trampoline). Results go to $OUT
 # (results.jsonl, the log, the profile); the markdown table is printed last.
 set -euo pipefail
-part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|fp32|channels-last|confirm|tests}
+part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|sdxl-compile|fp32|channels-last|confirm|tests}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -31,6 +32,7 @@ case "$part" in
   sd15) bench --model sd15 --configs bf16:auto,bf16:step,bf16:blocks,fp16:auto \
               --profile bf16:auto --profile-out "$out/profile-sd15-bf16-auto.txt" ;;
   sd15-compile) bench --model sd15 --configs bf16:auto,bf16:step --compile inductor ;;
+  sdxl-compile) bench --model sdxl --configs bf16:auto@3 --plain-repeats 1 --compile inductor ;;
   sdxl) bench --model sdxl --configs bf16:auto@3,bf16:blocks@2,fp16:auto@3 ;;
   fp32) bench --model sd15 --configs fp32:auto@3 ;;
   confirm) bench --model sdxl --configs bf16:blocks@2 --plain-repeats 1

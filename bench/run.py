@@ -65,6 +65,16 @@ def allocated(device) -> int:
     return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
 
 
+def allocator_counts(device) -> dict:
+    """The caching allocator's counters whose growth during a run costs time: retries (every
+    cached block freed, a device sync, then cudaMalloc again) and raw cudaMalloc/cudaFree calls."""
+    if torch.device(device).type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                         "num_sync_all_streams")}
+
+
 def parse_mode(mode: str):
     """'auto' | 'auto=<GiB>' | 'step' | 'blocks' | 'store' -> (checkpoint, budget GiB)."""
     if mode == "auto":
@@ -116,6 +126,7 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    stats_before = allocator_counts(device)
     before = allocated(device)
     profiler = None
     if profile_to:
@@ -134,6 +145,7 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         write_profile(profiler, profile_to, wall, cuda)
     result = sampler.result
     peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    stats = {k: v - stats_before[k] for k, v in allocator_counts(device).items()}
     del sampler
     gc.collect()
     after = allocated(device)
@@ -165,6 +177,7 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         "weight_grads_left": sum(p.grad is not None for p in bench.model.model.parameters()),
         "reward_first": rewards[0], "reward_last": rewards[-1], "stop_reason": result.stop_reason,
         "finite": all(map(lambda r: r == r and abs(r) != float("inf"), rewards)),
+        "allocator": {"conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), **stats},
     }
 
 

@@ -35,6 +35,7 @@ def main(paths) -> None:
         mode += " (stock conv)" if r.get("stock_conv") else ""
         mode += " [invalid: see note]" if r.get("note") else ""
         mode += " + channels-last" if r.get("channels_last") else ""
+        mode += " (expandable segments)" if "expandable_segments:True" in (r.get("allocator") or {}).get("conf", "") else ""
         print(f"| {r['model']} {r['resolution']}² | {r['precision']} | {mode} | {fmt(r['plain_generation_s'])} "
               f"| {fmt(r['dno_step_s'])} | {fmt(r.get('ratio_to_plain'))} | {fmt(r['peak_gib'])} | {stored} "
               f"| {r['released']} |")

@@ -141,6 +141,14 @@ def model_blocks(diffusion_model: torch.nn.Module) -> list:
     return blocks
 
 
+def gated_gelu_modules(*models: torch.nn.Module) -> list:
+    """ComfyUI's GEGLU feed-forwards in the models (SD1.x/SDXL transformer blocks, ControlNets),
+    which the core's ``lean_gated_gelus`` may switch: they compute ``a * gelu(gate)`` from
+    ``proj(x).chunk(2, dim=-1)``."""
+    from comfy.ldm.modules.attention import GEGLU
+    return [m for model in models for m in model.modules() if type(m) is GEGLU]
+
+
 def decoder_blocks(first_stage_model: torch.nn.Module) -> list:
     """The KL-VAE decoder's resnet/attention blocks and upsamplers (empty for other VAEs)."""
     decoder = getattr(first_stage_model, "decoder", None)

@@ -35,9 +35,10 @@ def saved_storage_bytes(fn, x):
     return sum(storages.values())
 
 
-def output_and_input_grad(module, x, dtype):
+def output_and_input_grad(module, x, dtype, autocast=False):
     x = x.detach().to(dtype).requires_grad_(True)
-    y = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = module(x)
     upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     (y * upstream).sum().backward()
     return y.detach(), x.grad
@@ -55,6 +56,19 @@ def test_same_output_and_gradient_as_autograd(dtype, approximate):
     assert switched == 1
     assert torch.equal(y1, y0) and torch.equal(g1, g0)      # the same ops on the same values
     assert "forward" not in vars(module)                      # restored
+
+
+def test_same_gradient_under_autocast():
+    """The sampler runs fp32 models under bf16 autocast: the projection is bf16 then, and the
+    recomputed GELU in the backward (which runs outside autocast) must match the kept one."""
+    torch.manual_seed(0)
+    module = GEGLU(8, 16).requires_grad_(False)
+    x = torch.randn(2, 5, 8)
+    y0, g0 = output_and_input_grad(module, x, torch.float32, autocast=True)
+    with lean_gated_gelus([module]):
+        y1, g1 = output_and_input_grad(module, x, torch.float32, autocast=True)
+    assert y0.dtype == torch.bfloat16
+    assert torch.equal(y1, y0) and torch.equal(g1, g0)
 
 
 def test_keeps_the_projection_but_not_the_gelu_output():

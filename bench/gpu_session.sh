@@ -15,14 +15,13 @@
 #                 (layer checkpointing of the UNet, predicted 8.6 / 2.7 GiB), SD1.5 auto with and
 #                 without --stock-conv on the same machine, SDXL fp32 auto
 #   alloc         SD1.5 bf16 auto: allocator counters, a 40 GiB budget, expandable segments
-#   next          what session 11's CPU-only changes predict: SDXL bf16 step/auto, SD1.5 compile
 #   tests         the gpu-marked tests (CUDA core tests and the ComfyUI path on CUDA)
 #
 # .cache/comfyui is ComfyUI 0.3.75 (the tests fetch it); .whl holds the two pure-Python wheels
 # ComfyUI needs that the device image lacks (torchsde, trampoline). Results go to $OUT
 # (results.jsonl, the log, the profile); the markdown table is printed last.
 set -euo pipefail
-part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|sdxl-compile|fp32|channels-last|confirm|alloc|next|tests}
+part=${1:?usage: bench/gpu_session.sh sd15|sd15-compile|sdxl|sdxl-compile|fp32|channels-last|confirm|alloc|tests}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -45,10 +44,6 @@ case "$part" in
   # retries near the cap? the counters, a lower budget, and expandable segments
   alloc) bench --model sd15 --configs bf16:auto@6,bf16:auto=40@6
          PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench --model sd15 --configs bf16:auto@6 ;;
-  # after session 11: GEGLUs recomputing their GELU (SDXL step predicted ≈ 13.1 GiB, auto 7 of 50
-  # stored) and the compiled model's graph-free calls in grad mode (no 26 s last interval)
-  next) bench --model sdxl --configs bf16:step@3,bf16:auto@3 --plain-repeats 1
-        bench --model sd15 --configs bf16:auto@5 --compile inductor ;;
   channels-last) bench --model sd15 --configs bf16:auto@4 --channels-last
                  bench --model sdxl --configs bf16:blocks@2 --plain-repeats 1 --channels-last ;;
   # only the file with gpu tests: the device image lacks open_clip and the browser stack that

@@ -14,8 +14,7 @@ Each record also splits the kept bytes by the operator that made them (bf16 at t
 target, entries of about 10 MiB and up), which says what a stored step is made of.
 
 Each case runs with the DNO backward's settings (frozen weights, input-gradient
-convolutions, GEGLUs that recompute their GELU) and, for ``blocks``, the host
-adapter's block checkpointing:
+convolutions) and, for ``blocks``, the host adapter's block checkpointing:
 
     python bench/live_bytes.py --model sdxl --resolution 512 --cases step,step-blocks \
         --target 1024 --out bench/results/<date>-cpu-live-bytes.jsonl
@@ -144,8 +143,7 @@ def main(argv=None) -> None:
         else:
             raise SystemExit(f"unknown case {case!r}: step, step-blocks, decode, decode-blocks")
         t0 = time.perf_counter()
-        with noise_only_backward([module], gated_gelus=host.gated_gelu_modules(module)), \
-                checkpointed_blocks(blocks):
+        with noise_only_backward([module]), checkpointed_blocks(blocks):
             counted = count(fn, x, module)
         record = {"date": datetime.date.today().isoformat(), "device": "cpu (counted)",
                   "torch": torch.__version__, "model": args.model, "case": case,

@@ -184,8 +184,8 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
 def switch_off(pack, context_name: str) -> None:
     """Replace one part of ``noise_only_backward`` (dno/frozen.py), which the core and the host
     sampler enter around a run, by a no-op, for an A/B: ``frozen_parameters`` (``--weight-grads``,
-    as before a5be112), ``input_grad_convolutions`` (``--stock-conv``, autograd's own
-    convolution) or ``lean_gated_gelus`` (``--stock-geglu``, autograd's GEGLU)."""
+    as before a5be112) or ``input_grad_convolutions`` (``--stock-conv``, autograd's own
+    convolution)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -233,8 +233,6 @@ def main(argv=None) -> None:
                          "every backward also computes weight gradients (A/B of dno/frozen.py)")
     ap.add_argument("--stock-conv", action="store_true",
                     help="let autograd's convolution save its inputs, as before input_grad_conv.py (A/B)")
-    ap.add_argument("--stock-geglu", action="store_true",
-                    help="autograd's GEGLU (keeps gelu(gate)) instead of dno/gated_gelu.py, for an A/B")
     ap.add_argument("--channels-last", action="store_true",
                     help="UNet and VAE weights in channels-last (NHWC) memory format, for the plain "
                          "generation and DNO alike (cuDNN converts NCHW tensors for its Hopper kernels)")
@@ -253,8 +251,6 @@ def main(argv=None) -> None:
         switch_off(pack, "frozen_parameters")
     if args.stock_conv:
         switch_off(pack, "input_grad_convolutions")
-    if args.stock_geglu:
-        switch_off(pack, "lean_gated_gelus")
     from models import build
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -298,8 +294,7 @@ def main(argv=None) -> None:
                 continue
             record = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
                       "model": args.model, "tiny": args.tiny, "weight_grads": args.weight_grads,
-                      "stock_conv": args.stock_conv, "stock_geglu": args.stock_geglu,
-                      "channels_last": args.channels_last,
+                      "stock_conv": args.stock_conv, "channels_last": args.channels_last,
                       "compile": args.compile or None, "resolution": bench.width, "steps": args.steps,
                       "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",

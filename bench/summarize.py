@@ -33,7 +33,6 @@ def main(paths) -> None:
         mode = r["mode"] + (" (weight grads on)" if r.get("weight_grads") else "")
         mode += " + compile" if r.get("compile") else ""
         mode += " (stock conv)" if r.get("stock_conv") else ""
-        mode += " (stock GEGLU)" if r.get("stock_geglu") else ""
         mode += " [invalid: see note]" if r.get("note") else ""
         mode += " + channels-last" if r.get("channels_last") else ""
         mode += " (expandable segments)" if "expandable_segments:True" in (r.get("allocator") or {}).get("conf", "") else ""

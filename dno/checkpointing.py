@@ -34,14 +34,9 @@ def _snapshot(value):
     return dict(value) if type(value) is dict else value
 
 
-def _records_graph(args, kwargs) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
-
-
 def _checkpointed(forward):
     def run(*args, **kwargs):
-        if _records_graph(args, kwargs):
+        if torch.is_grad_enabled():
             args = tuple(_snapshot(a) for a in args)
             kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
             return _checkpoint(forward, *args, use_reentrant=False, **kwargs)
@@ -52,8 +47,7 @@ def _checkpointed(forward):
 @contextlib.contextmanager
 def checkpointed_blocks(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
     """While active, each module's forward runs under activation checkpointing when
-    autograd records it (grad mode on, a tensor argument requiring grad); restored
-    afterwards, also on errors. Yields the count."""
+    autograd records; restored afterwards, also on errors. Yields the count."""
     patched = []
     try:
         for module in modules:

@@ -8,8 +8,7 @@ in ComfyUI are inference tensors that the host adapter replaces by
 non-grad clones, but a model built or loaded outside inference mode keeps
 ``requires_grad=True``; so the flags are switched off for the run and
 restored afterwards. ``noise_only_backward`` is what a run enters: the freezing
-together with the input-gradient convolutions that frozen weights allow and,
-for the GEGLU modules a host names, the feed-forwards that recompute their GELU.
+together with the input-gradient convolutions that frozen weights allow.
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .gated_gelu import lean_gated_gelus
 from .input_grad_conv import input_grad_convolutions
 
 
@@ -46,12 +44,10 @@ def frozen_parameters(modules: Iterable) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def noise_only_backward(modules: Iterable, gated_gelus: Iterable[torch.nn.Module] = ()) -> Iterator[int]:
+def noise_only_backward(modules: Iterable) -> Iterator[int]:
     """The backward pass DNO needs, for the gradient of the noise alone: the modules' weights
-    frozen (above), their frozen convolutions saving the weight rather than the input
-    (``input_grad_conv.py``), and the ``gated_gelus`` (GEGLU modules, named by the host)
-    recomputing their GELU (``gated_gelu.py``). Yields how many parameters were frozen."""
+    frozen (above), and their frozen convolutions saving the weight rather than the input
+    (``input_grad_conv.py``). Yields how many parameters were frozen."""
     modules = tuple(modules)
-    with frozen_parameters(modules) as frozen, input_grad_convolutions(modules), \
-            lean_gated_gelus(gated_gelus):
+    with frozen_parameters(modules) as frozen, input_grad_convolutions(modules):
         yield frozen

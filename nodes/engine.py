@@ -21,9 +21,9 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
 from ..dno.frozen import noise_only_backward
-from .host import (HostDenoiser, clone_inference_tensors, control_modules, gated_gelu_modules,
-                   host_step_noises, load_vae_for_grad, make_autograd_ready, schedule_for,
-                   settle_compiled_model, uses_torch_compile, vae_decoder)
+from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
+                   load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
+                   uses_torch_compile, vae_decoder)
 from .progress import RunReporter
 
 log = logging.getLogger("DNO")
@@ -99,10 +99,8 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 config = sampler_config(s.config, base_model)
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
-                # (convolutions included, which autograd would otherwise keep regardless), and
-                # GEGLU feed-forwards that recompute their GELU
-                with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward),
-                                         gated_gelus=gated_gelu_modules(base_model, *controls)):
+                # (convolutions included, which autograd would otherwise keep regardless)
+                with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)):
                     if compiled:
                         settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,

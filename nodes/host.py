@@ -141,14 +141,6 @@ def model_blocks(diffusion_model: torch.nn.Module) -> list:
     return blocks
 
 
-def gated_gelu_modules(*models: torch.nn.Module) -> list:
-    """ComfyUI's GEGLU feed-forwards in the models (SD1.x/SDXL transformer blocks, ControlNets),
-    which the core's ``lean_gated_gelus`` may switch: they compute ``a * gelu(gate)`` from
-    ``proj(x).chunk(2, dim=-1)``."""
-    from comfy.ldm.modules.attention import GEGLU
-    return [m for model in models for m in model.modules() if type(m) is GEGLU]
-
-
 def decoder_blocks(first_stage_model: torch.nn.Module) -> list:
     """The KL-VAE decoder's resnet/attention blocks and upsamplers (empty for other VAEs)."""
     decoder = getattr(first_stage_model, "decoder", None)
@@ -180,22 +172,11 @@ class HostDenoiser:
         self.denoise_mask = denoise_mask
         self.model_options = extra_args.get("model_options", {})
         self.seed = extra_args.get("seed")
-        self.compiled = uses_torch_compile(self.model_options)
 
     def __call__(self, x, sigma):
         if comfy.model_management.processing_interrupted():
             comfy.model_management.interrupt_current_processing(False)
             raise StopOptimization("cancelled")
-        if self.compiled and not torch.is_grad_enabled():
-            # torch.compile guards on grad mode, so a graph-free call (the final scoring render)
-            # would compile the whole model once more: 20 s for SD1.5 on an H100. In grad mode
-            # with inputs that need no gradient (the weights are frozen during DNO) it records
-            # nothing and reuses the graph settle_compiled_model compiled.
-            with torch.enable_grad():
-                return self._call(x.detach(), sigma.detach() if torch.is_tensor(sigma) else sigma).detach()
-        return self._call(x, sigma)
-
-    def _call(self, x, sigma):
         return self.model_k(x, sigma, denoise_mask=self.denoise_mask, model_options=self.model_options,
                             seed=self.seed)
 

@@ -57,31 +57,3 @@ def test_recompute_mismatch_is_a_clear_error_with_the_best_result(pack, sd15, co
                    memory_mode=MODES[1])
     assert "store every step" in str(caught.value)
     assert caught.value.result is not None and len(caught.value.result.history) == 1
-
-
-def test_graph_free_renders_reuse_the_grad_mode_graphs(pack, sd15, monkeypatch):
-    """torch.compile guards on grad mode. The final scoring render needs no graph;
-    run in no-grad mode it compiled the model once more (26 s of a 5 s step for
-    SD1.5 on the H100). Every graph DNO compiles is compiled in grad mode."""
-    import torch._dynamo
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-    from torch._dynamo.backends.registry import lookup_backend
-
-    aot_eager = lookup_backend("aot_eager")
-    grad_modes = []
-
-    def counting_backend(gm, example_inputs):
-        grad_modes.append(torch.is_grad_enabled())
-        return aot_eager(gm, example_inputs)
-
-    model, vae, pos, neg = sd15
-    torch._dynamo.reset()
-    try:
-        compiled = model.clone()
-        set_torch_compile_wrapper(model=compiled, backend=counting_backend)
-        out, _, history = dno_sample(pack, compiled, vae, pos, neg, torch.zeros(1, 4, 8, 8), "sde", seed=5,
-                                     opt_steps=2, memory_mode=MODES[0])
-    finally:
-        torch._dynamo.reset()
-    assert len(history["steps"]) == 3 and torch.isfinite(out).all()
-    assert grad_modes and all(grad_modes), f"graphs compiled with grad mode {grad_modes}"

@@ -147,7 +147,8 @@ def import_comfy(path: Path | str | None = None):
     or it asks CUDA for a device. Calling this again is a no-op; mixing two checkouts in one
     process is refused because their modules would shadow each other.
     """
-    root = Path(path).resolve() if path is not None else comfyui_path()
+    # resolved like the loaded package's path below, so a symlinked .cache or checkout matches
+    root = Path(path if path is not None else comfyui_path()).resolve()
     loaded = sys.modules.get("comfy")
     if loaded is not None:
         # comfy/ has no __init__.py in 0.3.75 (a namespace package): use its __path__.

@@ -110,13 +110,13 @@ def plain_generation(bench, steps: int, seed: int, device, repeats: int) -> dict
 
 
 def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, seed: int, device,
-            profile_to: str = None) -> dict:
+            profile_to: str = None, cuda_graphs: bool = True, keep_latent: bool = False) -> dict:
     """One DNO run through the node pack's KSampler path; step times from its history."""
     engine = sys.modules[pack.__name__ + ".nodes.engine"]
     dno = sys.modules[pack.__name__ + ".dno"]
     checkpoint, budget = parse_mode(mode)
     config = dno.DNOConfig(steps=opt_steps, lr=0.01, method="autograd", precision=precision,
-                           checkpoint=checkpoint, memory_budget_gb=budget)
+                           checkpoint=checkpoint, memory_budget_gb=budget, cuda_graphs=cuda_graphs)
     settings = engine.DNORunSettings(reward=Brightness(), vae=bench.vae, config=config, eta=1.0,
                                      regularizer=dno.ProbabilityRegularizer(gamma=1.0, k=1, permutations=16),
                                      preview_every=0)
@@ -145,6 +145,8 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         write_profile(profiler, profile_to, wall, cuda)
     result = sampler.result
     peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    peak_reserved = torch.cuda.max_memory_reserved(device) if cuda else 0
+    latent_out = result.latent.detach().float().cpu() if keep_latent else None
     stats = {k: v - stats_before[k] for k, v in allocator_counts(device).items()}
     del sampler
     gc.collect()
@@ -159,7 +161,10 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         timed = intervals[:1]
     rewards = [h.reward[0] for h in result.history]
     plan = result.memory_plan
-    return {
+    info = dict(result.render_info)
+    record = {
+        "cuda_graphs": bool(info.get("cuda_graphs")), "render": info,
+        "first_update_s": round(intervals[0], 4) if intervals else None,
         "checkpoint": str(checkpoint), "memory_budget_gb": budget,
         "sampler_autocast": engine.sampler_config(config, bench.model.model).autocast_sampler,
         "plan": None if plan is None else {"stored_steps": plan.stored_steps,
@@ -171,7 +176,8 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         "opt_steps": opt_steps, "dno_step_s": round(statistics.median(timed), 4) if timed else None,
         "step_time_includes_warmup": warm_inclusive,
         "dno_step_s_all": [round(t, 4) for t in intervals], "dno_wall_s": round(wall, 3),
-        "peak_gib": round(peak / GIB, 3), "allocated_before_gib": round(before / GIB, 3),
+        "peak_gib": round(peak / GIB, 3), "peak_reserved_gib": round(peak_reserved / GIB, 3),
+        "allocated_before_gib": round(before / GIB, 3),
         "allocated_after_gib": round(after / GIB, 3),
         "released": abs(after - before) < 64 * 1024 ** 2,
         "weight_grads_left": sum(p.grad is not None for p in bench.model.model.parameters()),
@@ -179,6 +185,37 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         "finite": all(map(lambda r: r == r and abs(r) != float("inf"), rewards)),
         "allocator": {"conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), **stats},
     }
+    if keep_latent:
+        record["_latent"] = latent_out
+        record["_rewards"] = rewards
+    return record
+
+
+def compare_runs(graphed: dict, eager: dict) -> dict:
+    """The same-process A/B of the graphed render against the eager one: the same seed and
+    settings, so the whole trajectories (every update's gradient) must agree to bf16 rounding."""
+    a, b = graphed.pop("_latent"), eager.pop("_latent")
+    ra, rb = graphed.pop("_rewards"), eager.pop("_rewards")
+    return {"latent_rel_err": float((a - b).norm() / b.norm().clamp_min(1e-30)),
+            "reward_max_abs_diff": max(abs(x - y) for x, y in zip(ra, rb)),
+            "rewards_graphed": ra, "rewards_eager": rb,
+            "step_s_graphed": graphed.get("dno_step_s"), "step_s_eager": eager.get("dno_step_s"),
+            "speedup": (round(eager["dno_step_s"] / graphed["dno_step_s"], 3)
+                        if graphed.get("dno_step_s") and eager.get("dno_step_s") else None)}
+
+
+def git_commit() -> str:
+    """The benchmarked commit (with '+dirty' when the tree differs from it)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DNO_COMMIT", "unknown")
 
 
 def switch_off(pack, context_name: str) -> None:
@@ -215,7 +252,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("sd15", "sdxl"), required=True)
     ap.add_argument("--configs", default="bf16:auto,fp16:auto,fp32:auto,bf16:step,fp16:step",
-                    help="comma-separated precision:mode[@updates] (modes: auto, auto=<GiB>, step, blocks, store)")
+                    help="comma-separated precision:mode[@updates][/eager] (modes: auto, auto=<GiB>, step, "
+                         "blocks, store; /eager turns the CUDA-graph render off)")
+    ap.add_argument("--compare", action="store_true",
+                    help="run every configuration twice in this process, CUDA graphs on and off, and compare "
+                         "the trajectories (the A/B of dno/graphed.py)")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps")
     ap.add_argument("--opt-steps", type=int, default=5, help="DNO updates per run (timed: all but first and last)")
     ap.add_argument("--opt-steps-fp32", type=int, default=3)
@@ -256,6 +297,7 @@ def main(argv=None) -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     configs = [c.split(":", 1) for c in args.configs.split(",") if c]
     command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    commit = git_commit()
     out = open(args.out, "a") if args.out else None
     profiled = [args.profile.split(":")[0]] if args.profile else []
     for precision in dict.fromkeys([p for p, _ in configs] + profiled):
@@ -276,15 +318,24 @@ def main(argv=None) -> None:
             if profiling:
                 mode = args.profile.split(":", 1)[1]
             opt_steps = args.opt_steps_fp32 if precision == "fp32" else args.opt_steps
+            graphs = not mode.endswith("/eager")
+            mode = mode[:-len("/eager")] if not graphs else mode
             if "@" in mode:        # precision:mode@updates overrides the number of updates
                 mode, updates = mode.split("@")
                 opt_steps = int(updates)
             try:
                 if profiling:
                     dno_run(pack, bench, precision, mode, args.profile_steps, 2, args.seed, device,
-                            args.profile_out)
+                            args.profile_out, cuda_graphs=graphs)
                     continue
-                record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device)
+                record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
+                                 cuda_graphs=graphs, keep_latent=args.compare)
+                if args.compare:
+                    other = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
+                                    cuda_graphs=not graphs, keep_latent=True)
+                    ab = compare_runs(record, other) if graphs else compare_runs(other, record)
+                    print(json.dumps({"eager_run": other}), flush=True)
+                    record["compare"] = ab
             except torch.cuda.OutOfMemoryError as error:
                 record = {"error": f"out of memory: {str(error)[:200]}"}
             except Exception as error:  # keep measuring the other configurations
@@ -298,7 +349,7 @@ def main(argv=None) -> None:
                       "compile": args.compile or None, "resolution": bench.width, "steps": args.steps,
                       "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",
-                      "precision": precision, "mode": mode, **plain, **record}
+                      "precision": precision, "mode": mode, "commit": commit, **plain, **record}
             if record.get("dno_step_s"):
                 record["ratio_to_plain"] = round(record["dno_step_s"] / plain["plain_generation_s"], 3)
             record["command"] = command

@@ -18,6 +18,8 @@ from typing import Iterable, Iterator, List
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .graphed import capturing
+
 
 def segments_of(fn) -> List[torch.nn.Module]:
     """The modules ``fn`` offers for block checkpointing (none if it offers none)."""
@@ -39,7 +41,8 @@ def _checkpointed(forward):
         if torch.is_grad_enabled():
             args = tuple(_snapshot(a) for a in args)
             kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
-            return _checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return _checkpoint(forward, *args, use_reentrant=False,
+                               preserve_rng_state=not capturing(), **kwargs)
         return forward(*args, **kwargs)
     return run
 

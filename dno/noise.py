@@ -101,6 +101,10 @@ class TrainableNoise:
         self.step_indices = list(step_indices)
         self.optimise_x_T = bool(optimise_x_T)
         self.leaves: List[torch.Tensor] = []
+        # made once: a tensor built from a Python list per render would be a host-to-device copy,
+        # which a CUDA graph cannot capture
+        self._index = (torch.as_tensor(self.step_indices, device=self.base.steps.device)
+                       if self.step_indices else None)
         if self.optimise_x_T:
             self.leaves.append(self.base.x_T.clone().float().requires_grad_(True))
         if self.step_indices:
@@ -124,7 +128,9 @@ class TrainableNoise:
         steps = self.base.steps
         if self.step_indices:
             window = leaves.pop(0)
-            index = torch.as_tensor(self.step_indices, device=steps.device)
+            index = getattr(self, "_index", None)
+            if index is None or index.device != steps.device:
+                index = torch.as_tensor(self.step_indices, device=steps.device)
             # out-of-place: differentiable w.r.t. the window, the base stays untouched
             steps = steps.index_put((index,), window.to(steps.dtype))
         return DNONoise(x_T.to(self.base.x_T.dtype), None if steps is None else steps.to(self.base.x_T.dtype))

@@ -23,6 +23,7 @@ from .checkpointing import checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
 from .frozen import noise_only_backward
 from .gradients import hybrid_gradient, zeroth_order_gradient
+from .graphed import capturing, make_render
 from .memory import GIB, MemoryPlan, activation_cost, default_budget_bytes, plan_stored_steps
 from .noise import DNONoise, TrainableNoise
 from .precision import autocast, check_precision, grad_scaler
@@ -59,6 +60,10 @@ class DNOConfig:
     q: int = 16                           # perturbed samples per image per step
     estimator_batch: int = 4              # perturbed copies of the batch rendered at once
     seed: int = 0                         # seed of the perturbations
+    # Replay the differentiable render (sampler + decoder, forward and backward) as CUDA graphs
+    # after the first update, on CUDA devices (see graphed.py); it falls back to eager by itself
+    # wherever capture is impossible. False always runs eagerly.
+    cuda_graphs: bool = True
 
     @property
     def sampler_precision(self) -> str:
@@ -122,6 +127,7 @@ class DNOResult:
     stop_reason: str = "completed"
     rendered: int = 0               # images rendered in total (for equal-budget comparisons)
     memory_plan: Optional[MemoryPlan] = None  # what checkpoint="auto" chose
+    render_info: dict = field(default_factory=dict)  # CUDA graphs or eager, and why (graphed.py)
 
 
 def reward_name(reward) -> str:
@@ -215,13 +221,19 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         start = latent if latent is None or times == 1 else latent.repeat(times, *([1] * (latent.dim() - 1)))
         out = sample(denoiser, current, sig, schedule, eta, start, full_denoise, window, keep)
         if graph and not store_decode:
-            image = _checkpoint(decode, out, use_reentrant=False)
+            image = _checkpoint(decode, out, use_reentrant=False,
+                                preserve_rng_state=not capturing())
         else:
             image = decode(out)
         return out, image
 
     def sampler_autocast():
         return autocast(config.sampler_precision, device)
+
+    def render_current() -> tuple:
+        # what the render (eager or replayed as CUDA graphs) computes from the trainable leaves
+        with sampler_autocast():
+            return render(params.assemble(), graph=torch.is_grad_enabled())
 
     def score(images: torch.Tensor) -> torch.Tensor:
         times = images.shape[0] // batch
@@ -230,6 +242,9 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     def render_only(current: DNONoise) -> torch.Tensor:
         with sampler_autocast():
             return render(current)[1]
+
+    renderer = make_render(render_current, params.leaves, device,
+                           config.cuda_graphs and method in ("autograd", "hybrid"))
 
     history: List[StepRecord] = []
     best = {}
@@ -241,7 +256,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         if not best:
             return None
         return DNOResult(best["latent"], best["image"], best["noise"], best["reward"], best["initial"],
-                         best["step"], history, stop_reason, rendered, plan)
+                         best["step"], history, stop_reason, rendered, plan, dict(renderer.info))
 
     scopes = contextlib.ExitStack()
     try:
@@ -253,12 +268,13 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
             graph = not last and method in ("autograd", "hybrid")
-            with torch.set_grad_enabled(graph):
-                current = params.assemble()
-                with sampler_autocast():
-                    out, image = render(current, graph=graph)
-                with autocast(config.precision, device):
-                    value = score(image)
+            out, image = renderer.forward(graph)
+            with torch.no_grad():
+                current = params.assemble()     # the noise of this sample, kept if it is the best
+            # the reward's own graph starts at the image; the render's backward takes its gradient
+            image_leaf = image.requires_grad_(True) if graph and method == "autograd" else image
+            with torch.set_grad_enabled(graph and method == "autograd"), autocast(config.precision, device):
+                value = score(image_leaf)
             rendered += batch
             reward_now = value.detach()
             finite = bool(torch.isfinite(reward_now).all())
@@ -275,7 +291,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 with torch.set_grad_enabled(not last):
                     terms = regularizer.terms(params.flat())
 
-            _update_best(best, it, reward_now, out.detach(), image.detach(), current.detach())
+            _update_best(best, it, reward_now, out, image.detach(), current.detach())
             history.append(StepRecord(
                 it, reward_now.tolist(),
                 None if terms is None else terms.loss.detach().tolist(),
@@ -283,7 +299,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 time.perf_counter() - started))
             if callback is not None:
                 callback(StepInfo(it, int(config.steps), reward_now, best["reward"],
-                                  None if terms is None else terms.detach(), out.detach(),
+                                  None if terms is None else terms.detach(), out,
                                   image.detach(), current.detach(), time.perf_counter() - started))
             if last:
                 break
@@ -296,30 +312,37 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 break
 
             optimizer.zero_grad(set_to_none=True)
-            loss = None
+            grad_image = None       # d(-reward)/d(image), scaled for fp16; the render takes it back
             estimate = None
             if method == "autograd":
                 loss = -value.sum()
+                grad_image = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss,
+                                                 image_leaf)[0]
             elif method == "hybrid":
                 g, count = hybrid_gradient(render_only, score, params, image, reward_now, config.mu,
                                            config.q, config.estimator_batch, generator)
                 rendered += count
-                loss = -(g.to(image.dtype) * image).sum()
+                grad_image = -g.to(image.dtype)
+                if scaler is not None:
+                    grad_image = scaler.scale(grad_image)
             else:
                 estimate, count = zeroth_order_gradient(render_only, score, params, reward_now, config.mu,
                                                         config.q, config.estimator_batch, generator)
                 rendered += count
+            if grad_image is not None:
+                renderer.backward(grad_image)
             if terms is not None and regularizer.gamma > 0:
                 reg = regularizer.gamma * terms.loss.sum()
-                loss = reg if loss is None else loss + reg
-            if loss is not None:
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
+                (scaler.scale(reg) if scaler is not None else reg).backward()
+            has_grad = grad_image is not None or (terms is not None and regularizer.gamma > 0)
+            if scaler is not None and has_grad:
+                scaler.unscale_(optimizer)
             if estimate is not None:
+                # an estimate alone is unscaled by scaler.step(): hand it over in scaled units
+                factor = scaler.get_scale() if scaler is not None and not has_grad else 1.0
                 for leaf, g in zip(params.leaves, estimate):
-                    leaf.grad = -g if leaf.grad is None else leaf.grad - g
-            del loss, value, image, out, current
+                    leaf.grad = -g * factor if leaf.grad is None else leaf.grad - g
+            del grad_image, value, image, image_leaf, out, current
             if scaler is None and not all(bool(torch.isfinite(t.grad).all())
                                           for t in params.leaves if t.grad is not None):
                 stop_reason = f"non-finite gradient at step {it}; kept the best sample so far"
@@ -348,6 +371,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)
+        renderer.release()
         scopes.close()
     return result()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -84,7 +85,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
         compiled = uses_torch_compile(extra_args.get("model_options"))
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                conds = clone_inference_tensors(getattr(model_wrap, "conds", {}))
+                conds = clone_inference_tensors(getattr(model_wrap, "conds", {}), noise.device)
                 controls = control_modules(conds)
                 for module in (base_model, *controls):
                     make_autograd_ready(module)
@@ -96,7 +97,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
                 denoiser = HostDenoiser(model_wrap, sig, extra_args, x_T, latent, mask)
                 decode = vae_decoder(s.vae, base_model.process_latent_out)
-                config = sampler_config(s.config, base_model)
+                config = graph_config(sampler_config(s.config, base_model), base_model)
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
@@ -163,6 +164,20 @@ def explain_failure(error: RuntimeError, compiled: bool) -> Optional[str]:
                 "T2I adapters and the conditioning; remove other model patches (e.g. an IP-Adapter) "
                 "from the MODEL that DNO samples")
     return None
+
+
+def graph_config(config: DNOConfig, base_model) -> DNOConfig:
+    """CUDA graphs off where the host moves weights in every call (ComfyUI's low-VRAM partial
+    load), or where the user says so with DNO_CUDA_GRAPHS=0."""
+    reason = None
+    if os.environ.get("DNO_CUDA_GRAPHS", "1").strip() in ("0", "false", "off"):
+        reason = "DNO_CUDA_GRAPHS=0"
+    elif getattr(base_model, "model_lowvram", False):
+        reason = "ComfyUI loaded the model partially (low VRAM), so its weights move in every call"
+    if not config.cuda_graphs or reason is None:
+        return config
+    log.info("DNO: CUDA graphs off for this run: %s", reason)
+    return dataclasses.replace(config, cuda_graphs=False)
 
 
 def sampler_config(config: DNOConfig, base_model) -> DNOConfig:

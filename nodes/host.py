@@ -48,19 +48,32 @@ def make_autograd_ready(module: torch.nn.Module) -> int:
     return replaced
 
 
-def clone_inference_tensors(obj: Any) -> Any:
-    """Clone inference tensors inside (nested) conditioning dicts/lists in place."""
+def clone_inference_tensors(obj: Any, device: Optional[torch.device] = None) -> Any:
+    """Clone inference tensors inside (nested) conditioning dicts/lists in place, and move them to
+    ``device`` when given.
+
+    ComfyUI keeps CONDITIONING on its intermediate device (the CPU) and copies the text
+    embeddings to the GPU in every model call; on the device already, the call copies nothing,
+    which a CUDA graph of the render needs (a copy from pageable host memory cannot be captured).
+    """
+    def ready(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone() if t.is_inference() else t
+        return t if device is None or t.device == device else t.to(device)
+
     if isinstance(obj, dict):
         for k, v in obj.items():
-            obj[k] = clone_inference_tensors(v)
+            obj[k] = clone_inference_tensors(v, device)
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            obj[i] = clone_inference_tensors(v)
+            obj[i] = clone_inference_tensors(v, device)
     elif torch.is_tensor(obj):
-        return obj.clone() if obj.is_inference() else obj
-    elif hasattr(obj, "cond") and torch.is_tensor(getattr(obj, "cond")):
-        if obj.cond.is_inference():
-            obj.cond = obj.cond.clone()
+        return ready(obj)
+    elif hasattr(obj, "cond"):
+        cond = getattr(obj, "cond")
+        if torch.is_tensor(cond):
+            obj.cond = ready(cond)
+        elif isinstance(cond, list) and all(torch.is_tensor(c) for c in cond):
+            obj.cond = [ready(c) for c in cond]
     return obj
 
 
@@ -108,12 +121,14 @@ class HostSchedule(NoiseSchedule):
         return self.base.ancestral_noise(sigma, sigma_next, eta)
 
     def start(self, sigma, x_T, latent, full_denoise):
-        s = torch.tensor(sigma, device=x_T.device, dtype=x_T.dtype)
+        # torch.full, not torch.tensor: no host-to-device copy (the render is captured as a CUDA graph)
+        s = torch.full((), float(sigma), device=x_T.device, dtype=x_T.dtype)
         latent = torch.zeros_like(x_T) if latent is None else latent
         return self.model_sampling.noise_scaling(s, x_T, latent, full_denoise)
 
     def finish(self, sigma, x):
-        return self.model_sampling.inverse_noise_scaling(torch.tensor(sigma, device=x.device, dtype=x.dtype), x)
+        return self.model_sampling.inverse_noise_scaling(torch.full((), float(sigma), device=x.device,
+                                                                    dtype=x.dtype), x)
 
 
 def model_blocks(diffusion_model: torch.nn.Module) -> list:

@@ -19,52 +19,9 @@ from torch import nn
 from dno import DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, VP, optimize, sample
 from dno.checkpointing import checkpointed_blocks
 from dno.memory import GIB, plan_stored_steps
-from toy_models import Brightness, vp_sigmas
+from toy_models import BlockDenoiser, Brightness, block_decode as decode, block_noise as noise_for, vp_sigmas
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class BlockDenoiser(nn.Module):
-    """A small EPS denoiser made of blocks it offers for block checkpointing."""
-
-    def __init__(self, channels=4, hidden=16, depth=3, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.blocks = nn.ModuleList(
-            [nn.Conv2d(channels, hidden, 3, padding=1)]
-            + [nn.Conv2d(hidden, hidden, 3, padding=1) for _ in range(depth - 2)]
-            + [nn.Conv2d(hidden, channels, 3, padding=1)])
-        for p in self.parameters():
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        self.checkpoint_segments = list(self.blocks)
-        self.block_calls = 0
-        for block in self.blocks:
-            block.forward = self._counted(block.forward)
-
-    def _counted(self, forward):
-        # counts every evaluation, including checkpoint recomputations (which bypass hooks)
-        def run(*args):
-            self.block_calls += 1
-            return forward(*args)
-        return run
-
-    def forward(self, x, sigma):
-        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
-        h = x / torch.sqrt(s * s + 1)
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if i < len(self.blocks) - 1:
-                h = torch.tanh(h)
-        return x - s * h
-
-
-def decode(z):
-    return torch.sigmoid(z[:, :3])
-
-
-def noise_for(sigmas, device="cpu", seed=0):
-    return DNONoise.from_seed((1, 4, 8, 8), len(sigmas) - 1, seed=seed, sde=True, device=device)
 
 
 # --------------------------------------------------------------------------- planner (CPU)

@@ -18,15 +18,19 @@ MODES = ["fastest (store every step)", "low memory (recompute every step)", "low
 
 
 @pytest.fixture
-def compiled(sd15, monkeypatch):
-    """The tiny SD1.5 MODEL behind TorchCompileModel, on a fresh dynamo cache."""
+def compiled(sd15):
+    """The tiny SD1.5 MODEL behind TorchCompileModel, on a fresh dynamo cache.
+
+    torch's own config patching, not monkeypatch.setattr: pytest 9.2's undo deletes a setting
+    of torch's config module (it is a module attribute only through __getattr__), so every
+    later test found no recompile_limit."""
     import torch._dynamo
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    model = sd15[0].clone()
-    set_torch_compile_wrapper(model=model, backend="aot_eager")
-    yield model
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model = sd15[0].clone()
+        set_torch_compile_wrapper(model=model, backend="aot_eager")
+        yield model
     torch._dynamo.reset()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dno import DNONoise
 from dno.rewards.base import Reward
 
 
@@ -116,3 +117,46 @@ def to_image(latent):
     w = torch.tensor([[0.6, -0.3, 0.2, 0.1], [0.1, 0.5, -0.2, 0.3], [-0.2, 0.2, 0.6, -0.1]],
                      dtype=latent.dtype, device=latent.device)
     return torch.sigmoid(torch.einsum("rc,bchw->brhw", w, latent))
+
+
+class BlockDenoiser(nn.Module):
+    """A small EPS denoiser made of blocks it offers for block checkpointing."""
+
+    def __init__(self, channels=4, hidden=16, depth=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList(
+            [nn.Conv2d(channels, hidden, 3, padding=1)]
+            + [nn.Conv2d(hidden, hidden, 3, padding=1) for _ in range(depth - 2)]
+            + [nn.Conv2d(hidden, channels, 3, padding=1)])
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.checkpoint_segments = list(self.blocks)
+        self.block_calls = 0
+        for block in self.blocks:
+            block.forward = self._counted(block.forward)
+
+    def _counted(self, forward):
+        # counts every evaluation, including checkpoint recomputations (which bypass hooks)
+        def run(*args):
+            self.block_calls += 1
+            return forward(*args)
+        return run
+
+    def forward(self, x, sigma):
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        h = x / torch.sqrt(s * s + 1)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i < len(self.blocks) - 1:
+                h = torch.tanh(h)
+        return x - s * h
+
+
+def block_decode(z):
+    return torch.sigmoid(z[:, :3])
+
+
+def block_noise(sigmas, device="cpu", seed=0):
+    return DNONoise.from_seed((1, 4, 8, 8), len(sigmas) - 1, seed=seed, sde=True, device=device)

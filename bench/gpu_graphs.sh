@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 12 on one H200, one device call per part (each fits 10 minutes):
+#   run(command="DNO_COMMIT=<sha> bash bench/gpu_graphs.sh sd15", carry=[".cache/comfyui", ".whl"])
+# Parts: tests (GPU tests of the graph path + the memory tests), sd15, sdxl, curve.
+set -euo pipefail
+part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|curve}
+out=${OUT:-/tmp/dno-bench}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+bench() { python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt" | grep -v '^{"eager_run"' | cut -c1-600; }
+case "$part" in
+  tests) python3 -m pytest tests/test_gpu_graphs.py tests/test_gpu_memory.py -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest-gpu.txt" | tail -30
+         exit "${PIPESTATUS[0]}" ;;
+  sd15) bench --model sd15 --configs bf16:step@4,bf16:auto@4,bf16:store@4,bf16:blocks@3 --compare --plain-repeats 2 ;;
+  sdxl) bench --model sdxl --configs bf16:step@3,bf16:auto=22@3 --compare --plain-repeats 1 ;;
+  sdxl-more) bench --model sdxl --configs bf16:auto@3,bf16:blocks@3 --plain-repeats 1
+             bench --model sdxl --resolution 512 --steps 1 --configs bf16:step@5 --plain-repeats 3
+             bench --model sdxl --resolution 512 --steps 4 --configs bf16:step@5 --plain-repeats 3 ;;
+  curve) bench --model sdxl --configs bf16:auto=8@3,bf16:auto=12@3,bf16:auto=16@3,bf16:auto=24@3,bf16:auto=48@3 --plain-repeats 1 ;;
+  *) echo "unknown part: $part" >&2; exit 2 ;;
+esac
+python3 bench/summarize.py "$out/results.jsonl" || true

@@ -1,0 +1,112 @@
+"""The render replayed as CUDA graphs (dno/graphed.py) against the eager render, on CUDA.
+
+Same seed and settings, graphs on and off: the trajectories must agree to rounding (CUDA's
+backward sums in no fixed order), in every memory mode; a render that cannot be captured
+must fall back to eager with the reason in the result; ComfyUI's own SD1.5 / SDXL classes
+must capture through the node pack's KSampler path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dno import DNOConfig, ProbabilityRegularizer, VP, optimize
+from toy_models import BlockDenoiser, Brightness, block_decode, block_noise, vp_sigmas
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(den, sigmas, graphs: bool, checkpoint, precision="fp32", steps=4):
+    device = torch.device("cuda")
+    return optimize(den, sigmas, Brightness(), block_decode, block_noise(sigmas, device), VP, eta=1.0,
+                    config=DNOConfig(steps=steps, lr=0.05, precision=precision, checkpoint=checkpoint,
+                                     cuda_graphs=graphs),
+                    regularizer=ProbabilityRegularizer(gamma=1.0, k=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpoint", [False, True, 3, "blocks", "auto"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_run_matches_the_eager_run(checkpoint, precision):
+    sigmas = vp_sigmas(8)
+    den = BlockDenoiser().cuda()
+    eager = run(den, sigmas, False, checkpoint, precision)
+    graphed = run(den, sigmas, True, checkpoint, precision)
+    assert eager.render_info["cuda_graphs"] is False
+    assert graphed.render_info["cuda_graphs"] is True, graphed.render_info
+    assert graphed.render_info["grad_rel_err"] <= 1e-2
+    tol = 1e-4 if precision == "fp32" else 1e-2
+    ra = [h.reward[0] for h in graphed.history]
+    rb = [h.reward[0] for h in eager.history]
+    assert ra == pytest.approx(rb, rel=tol)
+    assert ra[-1] > ra[0]
+    err = (graphed.latent - eager.latent).norm() / eager.latent.norm()
+    assert float(err) <= (1e-3 if precision == "fp32" else 2e-2)
+
+
+class SyncingDenoiser(BlockDenoiser):
+    """Reads a value back to the host in every call: a CUDA graph cannot capture that."""
+
+    def forward(self, x, sigma):
+        if float(sigma[0]) < 0:      # a host sync
+            raise AssertionError
+        return super().forward(x, sigma)
+
+
+@pytest.mark.gpu
+def test_a_render_that_cannot_be_captured_runs_eagerly_with_the_reason(caplog):
+    sigmas = vp_sigmas(6)
+    den = SyncingDenoiser().cuda()
+    with caplog.at_level("WARNING", logger="DNO"):
+        graphed = run(den, sigmas, True, True)
+    eager = run(den, sigmas, False, True)
+    assert graphed.render_info["cuda_graphs"] is False
+    assert "could not be captured" in graphed.render_info["reason"]
+    assert "CUDA graphs are off" in caplog.text
+    assert [h.reward[0] for h in graphed.history] == pytest.approx([h.reward[0] for h in eager.history],
+                                                                   rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_graphs_release_their_memory():
+    import gc
+    sigmas = vp_sigmas(8)
+    den = BlockDenoiser().cuda()
+    run(den, sigmas, True, False)
+    gc.collect()
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    res = run(den, sigmas, True, False)
+    assert res.render_info["cuda_graphs"] is True
+    del res
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline
+
+
+@pytest.mark.gpu
+def test_comfyui_classes_capture_in_every_memory_mode(tmp_path):
+    """ComfyUI's SD1.5 / SDXL classes (tiny UNets) through the node pack's KSampler path, graphs
+    against eager in one process (bench --compare)."""
+    out = tmp_path / "bench.jsonl"
+    for model in ("sd15", "sdxl"):
+        cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--model", model, "--tiny",
+               "--device", "cuda", "--steps", "8", "--opt-steps", "3", "--plain-repeats", "1", "--compare",
+               "--configs", "bf16:auto,bf16:store,fp16:step,bf16:blocks,fp32:auto", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 10
+    for r in records:
+        assert "error" not in r, r
+        assert r["cuda_graphs"], r["render"]
+        assert r["released"] and r["finite"], r
+        assert r["compare"]["latent_rel_err"] <= 2e-2, r["compare"]
+        assert r["reward_last"] > r["reward_first"], r

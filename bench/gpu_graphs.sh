@@ -13,8 +13,8 @@ bench() { python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$o
 case "$part" in
   tests) python3 -m pytest tests/test_gpu_graphs.py tests/test_gpu_memory.py -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest-gpu.txt" | tail -30
          exit "${PIPESTATUS[0]}" ;;
-  sd15) bench --model sd15 --configs bf16:step@4,bf16:auto@4,bf16:store@4,bf16:blocks@3 --compare --plain-repeats 2 ;;
-  sdxl) bench --model sdxl --configs bf16:step@3,bf16:auto=22@3 --compare --plain-repeats 1 ;;
+  sd15) bench --model sd15 --configs bf16:step@5,bf16:auto@5,bf16:blocks@4 --compare --plain-repeats 2 ;;
+  sdxl) bench --model sdxl --configs bf16:step@4,bf16:auto=22@4,bf16:auto@4 --plain-repeats 1 ;;
   sdxl-more) bench --model sdxl --configs bf16:auto@3,bf16:blocks@3 --plain-repeats 1
              bench --model sdxl --resolution 512 --steps 1 --configs bf16:step@5 --plain-repeats 3
              bench --model sdxl --resolution 512 --steps 4 --configs bf16:step@5 --plain-repeats 3 ;;

@@ -24,7 +24,8 @@ from .errors import DNOError, StopOptimization
 from .frozen import noise_only_backward
 from .gradients import hybrid_gradient, zeroth_order_gradient
 from .graphed import capturing, make_render
-from .memory import GIB, MemoryPlan, activation_cost, default_budget_bytes, plan_stored_steps
+from .memory import (DEFAULT_STORED_BYTES, GIB, MemoryPlan, activation_cost, default_budget_bytes,
+                     plan_stored_steps)
 from .noise import DNONoise, TrainableNoise
 from .precision import autocast, check_precision, grad_scaler
 from .regularizer import ProbabilityRegularizer, RegularizerTerms
@@ -399,8 +400,11 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     can_blocks = bool(segments_of(denoiser) or segments_of(decode))
     # allocated once the loop runs: a gradient and AdamW's two moments per optimised noise tensor
     state = 3 * sum(t.numel() * t.element_size() for t in trainable)
+    # without a budget from the user, stored steps are capped where they stop paying (memory.py)
+    cap = None if config.memory_budget_gb is not None else DEFAULT_STORED_BYTES
     return plan_stored_steps(budget, torch.cuda.memory_allocated(device), step, decoded, window, can_blocks,
-                             working_bytes=max(step_working, decode_working), state_bytes=state)
+                             working_bytes=max(step_working, decode_working), state_bytes=state,
+                             max_stored_bytes=cap)
 
 
 def _next_iteration_estimate(history: List[StepRecord]) -> float:

@@ -32,6 +32,8 @@ def test_plan_keeps_what_fits_after_the_recompute_reserve():
     # 10 - 2 in use - 2 x 1 GiB for recomputing one step during backward = 6 steps
     assert (plan.stored_steps, plan.block_checkpointing) == (6, False)
     assert plan_stored_steps(100 * GIB, 0, GIB, 0, window=20).stored_steps == 20
+    # the default cap on stored activations: room for 20, 8 GiB allowed
+    assert plan_stored_steps(100 * GIB, 0, GIB, 0, window=20, max_stored_bytes=8 * GIB).stored_steps == 8
 
 
 def test_plan_holds_back_the_measured_backward_and_the_optimiser_state():

@@ -36,13 +36,19 @@ def _snapshot(value):
     return dict(value) if type(value) is dict else value
 
 
+def checkpoint(fn, *args, **kwargs):
+    """``torch.utils.checkpoint`` as DNO uses it: non-reentrant, and with no RNG state to restore
+    while a CUDA graph is captured (graphed.py): the graph's RNG is the capture's own, and DNO's
+    denoisers and decoders draw no random numbers."""
+    return _checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=not capturing(), **kwargs)
+
+
 def _checkpointed(forward):
     def run(*args, **kwargs):
         if torch.is_grad_enabled():
             args = tuple(_snapshot(a) for a in args)
             kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
-            return _checkpoint(forward, *args, use_reentrant=False,
-                               preserve_rng_state=not capturing(), **kwargs)
+            return checkpoint(forward, *args, **kwargs)
         return forward(*args, **kwargs)
     return run
 

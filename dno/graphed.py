@@ -65,12 +65,10 @@ def capturing() -> bool:
 class EagerRender:
     """The render as ordinary autograd: a graph per update, freed by its backward."""
 
-    uses_graphs = False
-
-    def __init__(self, fn: RenderFn):
+    def __init__(self, fn: RenderFn, reason: str = "eager"):
         self.fn = fn
         self._image: Optional[torch.Tensor] = None
-        self.info = {"cuda_graphs": False, "reason": "eager"}
+        self.info = {"cuda_graphs": False, "reason": reason}
 
     def forward(self, graph: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(graph):
@@ -120,14 +118,7 @@ class GraphedRender:
         self.stream = capture_stream(self.device)
         self.state = "warm-up"          # -> "graphs" once captured and checked, or "eager"
         self.info = {"cuda_graphs": False, "reason": "not captured yet"}
-        self._fwd = self._bwd = None
-        self._out = self._image = self._grad_image = None
-        self._grads: Tuple[Optional[torch.Tensor], ...] = ()
-        self._pending_image: Optional[torch.Tensor] = None
-
-    @property
-    def uses_graphs(self) -> bool:
-        return self.state == "graphs"
+        self._drop_graphs()
 
     # -- the two calls of a render ---------------------------------------------------------
     def forward(self, graph: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -169,12 +160,15 @@ class GraphedRender:
     def release(self) -> None:
         """Drop the graphs and their memory pool (the run is over)."""
         self.eager.release()
-        self._fwd = self._bwd = None
-        self._out = self._image = self._grad_image = None
-        self._grads = ()
-        self._pending_image = None
+        self._drop_graphs()
         if self.state == "graphs":
             self.state = "released"
+
+    def _drop_graphs(self) -> None:
+        self._fwd = self._bwd = None
+        self._out = self._image = self._grad_image = None
+        self._grads: Tuple[Optional[torch.Tensor], ...] = ()
+        self._pending_image: Optional[torch.Tensor] = None
 
     # -- capture ---------------------------------------------------------------------------
     def _capture_and_check(self, eager_image: torch.Tensor, grad_image: torch.Tensor,
@@ -230,9 +224,7 @@ class GraphedRender:
         self._out, self._image = out.detach(), image.detach()
 
     def _give_up(self, reason: str) -> None:
-        self._fwd = self._bwd = None
-        self._out = self._image = self._grad_image = None
-        self._grads = ()
+        self._drop_graphs()
         try:
             torch.cuda.synchronize(self.device)
         except RuntimeError:
@@ -248,7 +240,4 @@ def make_render(fn: RenderFn, leaves: Sequence[torch.Tensor], device: torch.devi
     device = torch.device(device)
     if cuda_graphs and device.type == "cuda":
         return GraphedRender(fn, leaves, device)
-    render = EagerRender(fn)
-    render.info = {"cuda_graphs": False,
-                   "reason": "off (cuda_graphs=False)" if not cuda_graphs else f"eager on {device.type}"}
-    return render
+    return EagerRender(fn, "off (cuda_graphs=False)" if not cuda_graphs else f"eager on {device.type}")

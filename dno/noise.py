@@ -128,9 +128,7 @@ class TrainableNoise:
         steps = self.base.steps
         if self.step_indices:
             window = leaves.pop(0)
-            index = getattr(self, "_index", None)
-            if index is None or index.device != steps.device:
-                index = torch.as_tensor(self.step_indices, device=steps.device)
+            index = self._index
             # out-of-place: differentiable w.r.t. the window, the base stays untouched
             steps = steps.index_put((index,), window.to(steps.dtype))
         return DNONoise(x_T.to(self.base.x_T.dtype), None if steps is None else steps.to(self.base.x_T.dtype))
@@ -158,6 +156,7 @@ class TrainableNoise:
         tiled = TrainableNoise.__new__(TrainableNoise)
         tiled.base = self.base.repeat(times)
         tiled.step_indices = self.step_indices
+        tiled._index = self._index
         tiled.optimise_x_T = self.optimise_x_T
         tiled.leaves = leaves
         return tiled.assemble(leaves), deltas

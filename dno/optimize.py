@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
-
-from .checkpointing import checkpointed_blocks, segments_of
+from .checkpointing import checkpoint as _checkpoint, checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
 from .frozen import noise_only_backward
 from .gradients import hybrid_gradient, zeroth_order_gradient
-from .graphed import capturing, make_render
+from .graphed import make_render
 from .memory import (DEFAULT_STORED_BYTES, GIB, MemoryPlan, activation_cost, default_budget_bytes,
                      plan_stored_steps)
 from .noise import DNONoise, TrainableNoise
@@ -201,6 +199,9 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     params = TrainableNoise(noise, steps_in_window, optimise_x_T=(window == n))
     optimizer = torch.optim.AdamW(params.leaves, lr=config.lr, weight_decay=config.weight_decay)
     scaler = grad_scaler(config.precision, device)
+
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        return t if scaler is None else scaler.scale(t)
     generator = torch.Generator(device=device).manual_seed(int(config.seed))
 
     plan = None
@@ -222,8 +223,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         start = latent if latent is None or times == 1 else latent.repeat(times, *([1] * (latent.dim() - 1)))
         out = sample(denoiser, current, sig, schedule, eta, start, full_denoise, window, keep)
         if graph and not store_decode:
-            image = _checkpoint(decode, out, use_reentrant=False,
-                                preserve_rng_state=not capturing())
+            image = _checkpoint(decode, out)
         else:
             image = decode(out)
         return out, image
@@ -317,15 +317,12 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
             estimate = None
             if method == "autograd":
                 loss = -value.sum()
-                grad_image = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss,
-                                                 image_leaf)[0]
+                grad_image = torch.autograd.grad(scaled(loss), image_leaf)[0]
             elif method == "hybrid":
                 g, count = hybrid_gradient(render_only, score, params, image, reward_now, config.mu,
                                            config.q, config.estimator_batch, generator)
                 rendered += count
-                grad_image = -g.to(image.dtype)
-                if scaler is not None:
-                    grad_image = scaler.scale(grad_image)
+                grad_image = scaled(-g.to(image.dtype))
             else:
                 estimate, count = zeroth_order_gradient(render_only, score, params, reward_now, config.mu,
                                                         config.q, config.estimator_batch, generator)
@@ -334,7 +331,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 renderer.backward(grad_image)
             if terms is not None and regularizer.gamma > 0:
                 reg = regularizer.gamma * terms.loss.sum()
-                (scaler.scale(reg) if scaler is not None else reg).backward()
+                scaled(reg).backward()
             has_grad = grad_image is not None or (terms is not None and regularizer.gamma > 0)
             if scaler is not None and has_grad:
                 scaler.unscale_(optimizer)

@@ -16,10 +16,8 @@ import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
-
+from .checkpointing import checkpoint as _checkpoint
 from .errors import DNOError
-from .graphed import capturing
 from .schedule import VP, NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,10 +130,7 @@ def sample(denoiser: Denoiser, noise, sigmas, schedule: NoiseSchedule = VP, eta:
             with torch.no_grad():
                 x = denoise_step(*args, x, None if z is None else z.detach())
         elif grad_on and i - first_graph_step >= keep:
-            # no RNG state to restore while a CUDA graph is captured (graphed.py): the graph's
-            # RNG is the capture's own, and DNO's denoisers draw no random numbers
-            x = _checkpoint(denoise_step, *args, x, z, use_reentrant=False,
-                            preserve_rng_state=not capturing())
+            x = _checkpoint(denoise_step, *args, x, z)
         else:
             x = denoise_step(*args, x, z)
     return schedule.finish(sig[-1], x)

@@ -7,19 +7,12 @@ must capture through the node pack's KSampler path.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from dno import DNOConfig, ProbabilityRegularizer, VP, optimize
+from bench_runner import tiny_bench_records
 from toy_models import BlockDenoiser, Brightness, block_decode, block_noise, vp_sigmas
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(den, sigmas, graphs: bool, checkpoint, precision="fp32", steps=4):
@@ -94,15 +87,8 @@ def test_graphs_release_their_memory():
 def test_comfyui_classes_capture_in_every_memory_mode(tmp_path):
     """ComfyUI's SD1.5 / SDXL classes (tiny UNets) through the node pack's KSampler path, graphs
     against eager in one process (bench --compare)."""
-    out = tmp_path / "bench.jsonl"
-    for model in ("sd15", "sdxl"):
-        cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--model", model, "--tiny",
-               "--device", "cuda", "--steps", "8", "--opt-steps", "3", "--plain-repeats", "1", "--compare",
-               "--configs", "bf16:auto,bf16:store,fp16:step,bf16:blocks,fp32:auto", "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = tiny_bench_records(tmp_path / "bench.jsonl", "bf16:auto,bf16:store,fp16:step,bf16:blocks,fp32:auto",
+                                 "--compare", timeout=900)
     assert len(records) == 10
     for i, r in enumerate(records):
         assert "error" not in r, r

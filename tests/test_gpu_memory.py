@@ -6,22 +6,16 @@ The planner and the block checkpointing run on the CPU too; the tests marked
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from dno import DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, VP, optimize, sample
 from dno.checkpointing import checkpointed_blocks
 from dno.memory import GIB, plan_stored_steps
-from toy_models import BlockDenoiser, Brightness, block_decode as decode, block_noise as noise_for, vp_sigmas
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_runner import tiny_bench_records
+from toy_models import BlockDenoiser, Brightness, block_decode as decode, block_noise as noise_for, vp_sigmas
 
 
 # --------------------------------------------------------------------------- planner (CPU)
@@ -180,15 +174,7 @@ def test_cuda_budget_caps_the_stored_steps_and_the_peak():
 @pytest.mark.gpu
 def test_comfyui_path_on_cuda_through_the_benchmark(tmp_path):
     """The node pack's KSampler path on CUDA with ComfyUI's own SD1.5/SDXL classes (tiny UNets)."""
-    out = tmp_path / "bench.jsonl"
-    for model in ("sd15", "sdxl"):
-        cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--model", model, "--tiny",
-               "--device", "cuda", "--steps", "8", "--opt-steps", "3", "--plain-repeats", "1",
-               "--configs", "bf16:auto,fp16:step,bf16:blocks,fp32:auto", "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = tiny_bench_records(tmp_path / "bench.jsonl", "bf16:auto,fp16:step,bf16:blocks,fp32:auto")
     assert len(records) == 8
     for r in records:
         assert "error" not in r, r

@@ -3,7 +3,7 @@
 #   run(command="DNO_COMMIT=<sha> bash bench/gpu_graphs.sh sd15", carry=[".cache/comfyui", ".whl"])
 # Parts: tests (GPU tests of the graph path + the memory tests), sd15, sdxl, curve.
 set -euo pipefail
-part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|curve}
+part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|sdxl-more|explore|curve}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -18,7 +18,12 @@ case "$part" in
   sdxl-more) bench --model sdxl --configs bf16:auto@3,bf16:blocks@3 --plain-repeats 1
              bench --model sdxl --resolution 512 --steps 1 --configs bf16:step@5 --plain-repeats 3
              bench --model sdxl --resolution 512 --steps 4 --configs bf16:step@5 --plain-repeats 3 ;;
-  curve) bench --model sdxl --configs bf16:auto=8@3,bf16:auto=12@3,bf16:auto=16@3,bf16:auto=24@3,bf16:auto=48@3 --plain-repeats 1 ;;
+  explore) bench --model sd15 --configs bf16:auto@4,bf16:blocks@3 --plain-repeats 2
+           bench --model sd15 --configs bf16:auto@4,bf16:blocks@3 --plain-repeats 2 --channels-last
+           bench --model sdxl --resolution 512 --steps 1 --configs bf16:auto@5 --plain-repeats 3
+           bench --model sdxl --resolution 512 --steps 4 --configs bf16:auto@5 --plain-repeats 3
+           bench --model sdxl --resolution 512 --steps 4 --configs bf16:auto@5 --plain-repeats 3 --channels-last ;;
+  curve) bench --model sdxl --configs bf16:blocks@3,bf16:auto=8@3,bf16:auto=12@3,bf16:auto=16@3,bf16:auto=24@3,bf16:auto=48@3 --plain-repeats 1 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
 python3 bench/summarize.py "$out/results.jsonl" || true

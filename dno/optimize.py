@@ -354,6 +354,8 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
             else:
                 optimizer.step()
     except StopOptimization as stop:
+        if not best:        # stopped before the first sample was scored: nothing to return
+            raise
         stop_reason = f"stopped by callback at step {len(history) - 1}" + (f": {stop}" if str(stop) else "")
     except torch.cuda.OutOfMemoryError as error:
         if not best:        # nothing to keep: the caller says what to lower

@@ -20,7 +20,7 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
+from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, StopOptimization, optimize
 from ..dno.frozen import noise_only_backward
 from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
@@ -79,7 +79,10 @@ class DNOHostSampler(comfy.samplers.Sampler):
         if len(sigmas) < 2:
             raise DNOError("DNO needs at least one sampling step (sigmas has fewer than 2 values)")
         base_model = model_wrap.inner_model
+        check_latent_channels(noise.shape, base_model.latent_format.latent_channels)
         schedule = schedule_for(base_model.model_sampling)
+        log.info("DNO: %d updates over %d sampling steps, %s", s.config.steps, len(sigmas) - 1,
+                 "SDE" if s.eta > 0 else "ODE")
         reporter = RunReporter(s.node_id, s.config.steps, s.preview_every)
         result = None
         compiled = uses_torch_compile(extra_args.get("model_options"))
@@ -108,6 +111,11 @@ class DNOHostSampler(comfy.samplers.Sampler):
                                       eta=s.eta, prompts=s.prompts, latent=latent,
                                       full_denoise=self.max_denoise(model_wrap, sigmas), config=config,
                                       regularizer=s.regularizer, callback=reporter)
+        except StopOptimization:
+            # Cancel seen before the first sample was scored (while the memory plan measured a
+            # step, a compiled model settled, or the first render ran): nothing to hand on, so
+            # the prompt ends as ComfyUI's own Cancel ends it.
+            raise comfy.model_management.InterruptProcessingException() from None
         except comfy.model_management.InterruptProcessingException as error:
             # Cancel ends the optimisation, not the graph: ComfyUI's layers raise
             # this mid-forward; the best latent so far is the node's output and
@@ -166,6 +174,14 @@ def explain_failure(error: RuntimeError, compiled: bool) -> Optional[str]:
     return None
 
 
+def check_latent_channels(shape, channels: int) -> None:
+    """The latent fits the model (``latent_image`` of either DNO node), else a DNOError naming it."""
+    if len(shape) != 4 or shape[1] != channels:
+        raise DNOError(f"the latent (latent_image) has shape {tuple(shape)} but this model works on "
+                       f"{channels}-channel image latents: use a latent made for this model "
+                       "(e.g. EmptyLatentImage, or VAEEncode with this model's VAE)")
+
+
 def graph_config(config: DNOConfig, base_model) -> DNOConfig:
     """CUDA graphs off where the host moves weights in every call (ComfyUI's low-VRAM partial
     load), or where the user says so with DNO_CUDA_GRAPHS=0."""
@@ -201,10 +217,7 @@ def run_ksampler(model, positive, negative, latent, settings: DNORunSettings, se
     samples = latent["samples"]
     channels = model.get_model_object("latent_format").latent_channels
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
-    if samples.dim() != 4 or samples.shape[1] != channels:
-        raise DNOError(f"the latent has shape {tuple(samples.shape)} but this model works on "
-                       f"{channels}-channel image latents: use a latent made for this model "
-                       "(e.g. EmptyLatentImage, or VAEEncode with this model's VAE)")
+    check_latent_channels(samples.shape, channels)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     ksampler = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
                                        denoise=denoise, model_options=model.model_options)

@@ -17,6 +17,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
+from ..dno import DNOError
 from ..dno.rewards import (
     BUILTIN_FUNCTIONS, BuiltinReward, DEFAULT_JPEG_QUALITY, JpegReward, Reward, RewardFileError,
     WeightedReward, cached_load, load_aesthetic_reward, load_clip_score_reward, load_hps_reward,
@@ -76,6 +77,7 @@ class ManagedReward(Reward):
         self.inner = inner
         self.name = inner.name
         self.differentiable = inner.differentiable
+        self.needs_prompt = getattr(inner, "needs_prompt", False)
         self.patcher = comfy.model_patcher.ModelPatcher(
             inner, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(),
             size=mm.module_size(inner),
@@ -113,6 +115,14 @@ def _managed(loader, *args, **options):
 def _prompt_list(prompt: str) -> Optional[List[str]]:
     prompt = (prompt or "").strip()
     return [prompt] if prompt else None
+
+
+def require_prompt(reward, prompts: Optional[List[str]], input_name: str, node: str) -> None:
+    """A reward that scores the image against a text gets one, else an error naming the input."""
+    if prompts is None and getattr(reward, "needs_prompt", False):
+        raise DNOError(f"The {reward.name} reward scores the image against a text, and {input_name} on "
+                       f"the {node} node is empty: type into {input_name} the text the image should "
+                       "match, e.g. your positive prompt's text")
 
 
 class DNOAestheticReward:
@@ -258,6 +268,7 @@ class DNOScoreImage:
     DESCRIPTION = "Scores images with a DNO reward (mean as FLOAT, every score as text)."
 
     def score(self, image, reward, prompt=""):
+        require_prompt(reward, _prompt_list(prompt), "prompt", "DNO Score Image")
         images = image[..., :3].permute(0, 3, 1, 2).float()  # ComfyUI IMAGE is (B, H, W, C)
         prepare = getattr(reward, "prepare", None)
         if callable(prepare):

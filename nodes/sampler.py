@@ -7,6 +7,7 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError
 from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
+from .rewards import require_prompt
 
 MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
 METHODS = ["auto", "autograd", "hybrid", "zeroth_order"]
@@ -72,6 +73,7 @@ def settings_from(vae, reward, sampler_mode, opt_steps, lr, method, precision, t
                        checkpoint=MEMORY_MODES[memory_mode], memory_budget_gb=memory_budget_gb or None)
     config.validate()
     prompts = [reward_prompt] if reward_prompt.strip() else None
+    require_prompt(reward, prompts, "reward_prompt", "DNO")
     return DNORunSettings(reward=reward, vae=vae, config=config, eta=MODES[sampler_mode],
                           regularizer=regularizer, prompts=prompts, preview_every=preview_every,
                           node_id=node_id)

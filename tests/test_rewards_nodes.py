@@ -111,3 +111,36 @@ def test_missing_file_name_is_a_clear_error(pack):
     rewards, _ = pack
     with pytest.raises(rewards.RewardFileError, match="HPSv2 file 'gone.pt'.*models/dno_rewards"):
         rewards.DNOHPSReward().load("gone.pt")
+
+
+def test_a_text_reward_without_a_prompt_names_the_input_to_fill(pack):
+    """HPSv2 (or a sum holding it) with an empty or blank reward_prompt: the error names the input
+    on the node and says what to type there, on the DNO nodes and on DNO Score Image."""
+    rewards, models = pack
+    sampler = __import__(rewards.__name__.rsplit(".", 1)[0] + ".sampler", fromlist=["x"])
+    path, _ = fx.save_hps_file(str(models / "dno_rewards"))
+    (hps,) = rewards.DNOHPSReward().load(os.path.basename(path))
+    (combined,) = rewards.DNOCombineRewards().combine(rewards.DNOBuiltinReward().make("brightness")[0], 1.0,
+                                                      reward_2=hps, weight_2=0.5)
+    args = dict(vae=object(), sampler_mode=list(sampler.MODES)[0], opt_steps=2, lr=0.01, method="auto",
+                precision="fp32", time_budget=0.0)
+    for reward in (hps, combined):
+        for blank in ("", "   \n"):
+            with pytest.raises(ValueError, match="reward_prompt on the DNO node is empty.*positive prompt"):
+                sampler.settings_from(reward=reward, reward_prompt=blank, **args)
+        assert sampler.settings_from(reward=reward, reward_prompt="a cat", **args).prompts == ["a cat"]
+        with pytest.raises(ValueError, match="prompt on the DNO Score Image node is empty"):
+            rewards.DNOScoreImage().score(_image(), reward, prompt=" ")
+    # rewards of the pixels alone need no text
+    (brightness,) = rewards.DNOBuiltinReward().make("brightness")
+    assert sampler.settings_from(reward=brightness, reward_prompt="", **args).prompts is None
+
+
+def test_score_image_of_one_pixel_is_finite(pack):
+    rewards, _ = pack
+    for kind in ("contrast", "brightness", "saturation"):
+        (reward,) = rewards.DNOBuiltinReward().make(kind)
+        out = rewards.DNOScoreImage().score(_image(batch=1, size=1), reward)
+        assert out["result"][0] == out["result"][0] and abs(out["result"][0]) < float("inf"), (kind, out)
+    (contrast,) = rewards.DNOBuiltinReward().make("contrast")
+    assert rewards.DNOScoreImage().score(_image(batch=1, size=1), contrast)["result"][0] == 0.0

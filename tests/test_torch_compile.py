@@ -61,3 +61,22 @@ def test_recompute_mismatch_is_a_clear_error_with_the_best_result(pack, sd15, co
                    memory_mode=MODES[1])
     assert "store every step" in str(caught.value)
     assert caught.value.result is not None and len(caught.value.result.history) == 1
+
+
+@pytest.mark.parametrize("use_compile", [False, True], ids=["eager", "TorchCompileModel"])
+def test_cancel_before_the_first_sample_is_comfyuis_interrupt(pack, sd15, compiled, use_compile):
+    """Cancel pressed before DNO scored a sample (here: before the node starts, so the settling call
+    of a compiled model or the first render sees it): ComfyUI's own interrupt exception, which ends
+    the prompt without a traceback, not an AttributeError on a missing result."""
+    import comfy.model_management as mm
+    model, vae, pos, neg = sd15
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            dno_sample(pack, compiled if use_compile else model, vae, pos, neg, torch.zeros(1, 4, 8, 8),
+                       "sde", seed=5, opt_steps=2)
+    finally:
+        mm.interrupt_current_processing(False)
+    out, _, history = dno_sample(pack, model, vae, pos, neg, torch.zeros(1, 4, 8, 8), "sde", seed=5,
+                                 opt_steps=1)
+    assert len(history["steps"]) == 2      # the next run is unaffected

@@ -175,6 +175,62 @@ def test_cancel_returns_best_latent_promptly(server):
     assert image_of(server, entry, "cancelled").shape == (64, 64, 3)
 
 
+def queue_until(server, api, text, timeout=120):
+    """Queue ``api``; return (prompt id, log mark) once ``text`` appears in the server log."""
+    mark = len(server.log())
+    pid = server.queue(api)
+    deadline = time.monotonic() + timeout
+    while text not in server.log()[mark:]:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.02)
+    return pid, mark
+
+
+def message_kinds(entry):
+    return [message[0] for message in entry["status"]["messages"]]
+
+
+def test_cancel_before_the_first_sample_ends_the_prompt_as_comfyui_cancel(server):
+    """Cancel while the first render runs: nothing to hand on, so the prompt ends as ComfyUI's own
+    Cancel ends it (its interrupt, no error, no traceback), and the server takes the next prompt."""
+    api = shrink(load_api("dno_txt2img_ksampler"), opt_steps=5, steps=600)
+    for key in ("10", "11", "12"):
+        api.pop(key)
+    pid, mark = queue_until(server, api, "DNO: 5 updates over 600 sampling steps")
+    server.interrupt()
+    entry = server.wait(pid, timeout=120)
+    log = server.log()[mark:]
+    assert rewards_from(log) == [], "the interrupt came after the first sample: make the render slower"
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in message_kinds(entry), entry["status"]
+    assert "execution_error" not in message_kinds(entry), entry["status"]
+    assert "Traceback" not in log, log[-3000:]
+    run(server, shrink(load_api("dno_txt2img_ksampler")))     # the next prompt runs normally
+
+
+def test_cancelling_twice_stops_the_nodes_after_dno(server):
+    """The first Cancel ends DNO with its best latent (its image is saved); the second stops the
+    graph, here a long plain KSampler that runs after DNO."""
+    api = shrink(load_api("dno_txt2img_ksampler"), opt_steps=400)
+    api["9"]["inputs"]["filename_prefix"] = "twice_dno"
+    api["12"]["inputs"]["filename_prefix"] = "twice_plain"
+    api["20"] = {"class_type": "LatentMultiply", "inputs": {"samples": ["7", 0], "multiplier": 0.0}}
+    api["10"]["inputs"].update(latent_image=["20", 0], steps=3000)
+    pid, mark = queue_until(server, api, "DNO step 2/400")
+    server.interrupt()
+    deadline = time.monotonic() + 60
+    while "DNO finished" not in server.log()[mark:]:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.02)
+    time.sleep(0.5)                                           # into the plain KSampler's 3000 steps
+    server.interrupt()
+    entry = server.wait(pid, timeout=120)
+    assert "execution_interrupted" in message_kinds(entry), entry["status"]
+    saved = [p.name for p in server.output_dir.iterdir()]
+    assert any(n.startswith("twice_dno") for n in saved), saved
+    assert not any(n.startswith("twice_plain") for n in saved), saved
+
+
 def test_bad_inputs_give_clear_node_errors(server):
     # zero sampling steps: rejected by validation with the input named
     api = shrink(load_api("dno_txt2img_ksampler"))
@@ -192,3 +248,16 @@ def test_bad_inputs_give_clear_node_errors(server):
     message = json.dumps(entry["status"]["messages"])
     assert "16-channel" in message and "latent" in message, message
     assert "Traceback" not in message.split("exception_message")[1][:300]
+    # the same through SamplerCustomAdvanced + DNO Sampler: an SD1.5 (4-channel, non-empty) latent
+    # into the SD3 model's guider
+    api = shrink(load_api("dno_sampler_custom_advanced"))
+    api["20"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd3.safetensors"}}
+    api["21"] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    api["22"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 0], "vae": ["1", 2]}}
+    api["9"]["inputs"]["model"] = api["10"]["inputs"]["model"] = ["20", 0]
+    api["11"]["inputs"]["latent_image"] = ["22", 0]
+    entry = server.wait(server.queue(api), timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    message = json.dumps(entry["status"]["messages"])
+    assert "latent_image" in message and "16-channel" in message, message
+    assert "expected input" not in message, message

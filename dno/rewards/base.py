@@ -20,6 +20,7 @@ class Reward(torch.nn.Module):
 
     name: str = "reward"
     differentiable: bool = True
+    needs_prompt: bool = False      # scores the image against a text (HPSv2, PickScore, CLIP score)
 
     def score(self, images: torch.Tensor, prompts: Optional[Sequence[str]]) -> torch.Tensor:
         raise NotImplementedError

@@ -32,8 +32,9 @@ def saturation(images: torch.Tensor) -> torch.Tensor:
 
 
 def contrast(images: torch.Tensor) -> torch.Tensor:
-    """Variance over the pixels of the sum of the three channels."""
-    return _check(images).sum(dim=1).flatten(1).var(dim=1)
+    """Variance over the pixels of the sum of the three channels (0 for a single pixel)."""
+    values = _check(images).sum(dim=1).flatten(1)
+    return values.var(dim=1, correction=min(1, values.shape[1] - 1))
 
 
 BUILTIN_FUNCTIONS = {

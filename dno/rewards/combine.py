@@ -24,6 +24,7 @@ class WeightedReward(Reward):
         self.rewards = torch.nn.ModuleList([r for r, _ in parts])
         self.weights = [w for _, w in parts]
         self.differentiable = all(r.differentiable for r in self.rewards)
+        self.needs_prompt = any(getattr(r, "needs_prompt", False) for r in self.rewards)
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(self.rewards, self.weights))
 
     def prepare(self, device) -> None:

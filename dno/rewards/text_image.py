@@ -18,6 +18,7 @@ class TextImageReward(Reward):
     """``scale * cosine(image_embedding, text_embedding)`` for each image and its prompt."""
 
     differentiable = True
+    needs_prompt = True
 
     def __init__(self, clip: ClipBackbone, name: str, use_logit_scale: bool = False, scale: float = 1.0):
         super().__init__()

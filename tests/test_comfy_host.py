@@ -231,3 +231,13 @@ def test_server_runs_txt2img_and_stops():
         assert "Processing interrupted" in server.log()
     assert proc.poll() is not None  # the server process is gone
     assert not server.base_dir.exists()  # and its throwaway folders too
+
+
+def test_host_requirements_come_from_the_hosts_own_file(tmp_path):
+    """The install step reads the host's requirements.txt: every package but the torch family."""
+    import install_host_requirements as install
+    (tmp_path / "requirements.txt").write_text(
+        "comfyui-frontend-package==1.32.9\ntorch\ntorchvision>=0.1\nTorchAudio\ntorchsde\n"
+        "# a comment\n\neinops  # inline comment\nav>=14.2.0\n")
+    assert install.host_requirements(tmp_path) == ["comfyui-frontend-package==1.32.9", "torchsde",
+                                                   "einops", "av>=14.2.0"]

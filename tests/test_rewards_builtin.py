@@ -113,6 +113,37 @@ def test_cache_loads_once_per_file_and_reloads_changed_files(tmp_path):
     assert cached_load(loader, [str(path)], scale=3.0) is not first
     path.write_bytes(b"bb")  # size changes: a replaced file is loaded again
     assert cached_load(loader, [str(path)], scale=2.0) is not first
-    assert len(calls) == 3 and cached_count() == 3
+    # the replaced file's old model is dropped, not kept beside the new one
+    assert len(calls) == 3 and cached_count() == 2
     clear_reward_cache()
     assert cached_count() == 0
+
+
+def test_cache_keeps_at_most_a_few_models_and_frees_the_dropped_ones(tmp_path):
+    import gc
+    import weakref
+
+    from dno.rewards import cache
+
+    clear_reward_cache()
+
+    class Model:
+        pass
+
+    def loader(path):
+        return Model()
+
+    paths = []
+    for i in range(cache.MAX_CACHED + 2):
+        paths.append(tmp_path / f"w{i}.bin")
+        paths[-1].write_bytes(b"x" * (i + 1))
+    refs = [weakref.ref(cached_load(loader, [str(p)])) for p in paths]
+    gc.collect()
+    assert cached_count() == cache.MAX_CACHED
+    assert [r() is None for r in refs] == [True, True] + [False] * cache.MAX_CACHED
+    # replacing a cached file frees its old model
+    paths[-1].write_bytes(b"replaced")
+    cached_load(loader, [str(paths[-1])])
+    gc.collect()
+    assert refs[-1]() is None and cached_count() == cache.MAX_CACHED
+    clear_reward_cache()

@@ -1,16 +1,20 @@
-"""Loads each reward model once per process.
+"""Loads each reward model once per process, and keeps only a few.
 
-The key is the loader, its options and, for every file, its real path, size and modification time,
-so a replaced file is loaded again. Hosts that manage memory (ComfyUI) move the cached modules
-between devices themselves; :func:`clear_reward_cache` drops them.
+An entry is the loader, its options and the files' real paths; it remembers each file's size and
+modification time, so a replaced file is loaded again and its old model is dropped, not kept
+beside the new one. At most ``MAX_CACHED`` models stay cached, the least recently used going
+first. Hosts that manage memory (ComfyUI) move the cached modules between devices themselves;
+:func:`clear_reward_cache` drops them all.
 """
 from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Dict, Hashable, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence, Tuple
 
-_CACHE: Dict[Hashable, object] = {}
+MAX_CACHED = 4
+_CACHE: "OrderedDict[Hashable, Tuple[Tuple, object]]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
@@ -29,14 +33,21 @@ def cached_load(loader: Callable, paths: Sequence[str], **options):
     """``loader(*paths, **options)``, reusing an earlier result for the same files and options."""
     key = (
         getattr(loader, "__module__", ""), getattr(loader, "__qualname__", repr(loader)),
-        tuple(_file_signature(p) for p in paths), tuple(sorted(options.items())),
+        tuple(os.path.realpath(p) for p in paths), tuple(sorted(options.items())),
     )
+    stamps = tuple(_file_signature(p) for p in paths)
     with _LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
+        entry = _CACHE.get(key)
+        if entry is not None and entry[0] == stamps:
+            _CACHE.move_to_end(key)
+            return entry[1]
+        _CACHE.pop(key, None)           # a replaced file: its old model goes now
     result = loader(*paths, **options)
     with _LOCK:
-        _CACHE[key] = result
+        _CACHE[key] = (stamps, result)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > MAX_CACHED:
+            _CACHE.popitem(last=False)
     return result
 
 

@@ -23,19 +23,20 @@ from toy_models import BlockDenoiser, Brightness, block_decode as decode, block_
 def test_plan_keeps_what_fits_after_the_recompute_reserve():
     plan = plan_stored_steps(budget_bytes=10 * GIB, in_use_bytes=2 * GIB, step_bytes=GIB,
                              decode_bytes=GIB // 2, window=50)
-    # 10 - 2 in use - 2 x 1 GiB for recomputing one step during backward = 6 steps
-    assert (plan.stored_steps, plan.block_checkpointing) == (6, False)
+    # 10 - 2 in use - 2 x 1 GiB for recomputing one step during backward - 1/8 of that = 5.75: 5 steps
+    assert (plan.stored_steps, plan.block_checkpointing) == (5, False)
     assert plan_stored_steps(100 * GIB, 0, GIB, 0, window=20).stored_steps == 20
     # the default cap on stored activations: room for 20, 8 GiB allowed
     assert plan_stored_steps(100 * GIB, 0, GIB, 0, window=20, max_stored_bytes=8 * GIB).stored_steps == 8
 
 
 def test_plan_holds_back_the_measured_backward_and_the_optimiser_state():
-    # 20 - 2 in use - 5 for one step's backward (measured) - 1 for noise gradients and moments = 12
+    # 20 - 2 in use - 5 for one step's backward (measured) and 5/8 slack - 1 for noise gradients and
+    # moments = 11.375: 11 steps
     plan = plan_stored_steps(20 * GIB, 2 * GIB, GIB, GIB // 2, window=50, working_bytes=5 * GIB,
                              state_bytes=GIB)
-    assert (plan.stored_steps, plan.reserve_bytes) == (12, 6 * GIB)
-    assert "6.00 GiB held back" in plan.describe()
+    assert (plan.stored_steps, plan.reserve_bytes) == (11, 6 * GIB + 5 * GIB // 8)
+    assert "6.62 GiB held back" in plan.describe()
 
 
 def test_plan_falls_back_to_block_checkpointing_only_when_nothing_fits():
@@ -43,7 +44,9 @@ def test_plan_falls_back_to_block_checkpointing_only_when_nothing_fits():
     assert (tight.stored_steps, tight.block_checkpointing) == (0, True)
     no_blocks = plan_stored_steps(3 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=False)
     assert (no_blocks.stored_steps, no_blocks.block_checkpointing) == (0, False)
-    roomy = plan_stored_steps(5 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
+    just = plan_stored_steps(5 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
+    assert (just.stored_steps, just.block_checkpointing) == (0, False)     # recomputation fits
+    roomy = plan_stored_steps(6 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
     assert (roomy.stored_steps, roomy.block_checkpointing) == (1, False)
 
 

@@ -41,7 +41,11 @@ def optional_inputs():
         "target_reward": ("FLOAT", {"default": 0.0, "min": -1e9, "max": 1e9, "step": 0.01}),
         "stop_at_target": ("BOOLEAN", {"default": False}),
         "opt_window": ("INT", {"default": 0, "min": 0, "max": 10000,
-                               "tooltip": "Optimise only the last N sampling steps (0 = all, x_T included)."}),
+                               "tooltip": "The paper's opt_time N: optimise the N noises that enter the last N "
+                                          "sampling steps (x_T counts as the first step's; the last step "
+                                          "injects none). Earlier steps run without a graph (cheaper). "
+                                          "0 = every step and x_T. With sampler_mode ODE only 0 (or N = "
+                                          "steps) optimises anything."}),
         "preview_every": ("INT", {"default": 5, "min": 0, "max": 1000,
                                   "tooltip": "Send a preview image every N optimisation steps (and at the last); "
                                              "0 = no previews. Each preview costs an image encode and transfer."}),

@@ -41,6 +41,28 @@ def test_ode_and_window_and_regularizer_run():
     assert (res.best_reward > res.initial_reward).all()
 
 
+@pytest.mark.parametrize("window", [1, 2, 5, 6])
+def test_opt_window_optimises_the_noises_of_the_official_opt_time(window):
+    # The official --opt_time K (t counts down; noise t = 0 feeds the last step, which injects
+    # none; noise t = n is x_T) optimises noises t = 1..K: K noises, x_T only when K = n.
+    n = len(SIG) - 1
+    official = {"x_T" if t == n else n - 1 - t for t in range(1, window + 1)}
+    seen = {}
+    run(DNOConfig(steps=1, lr=0.05, window=window), callback=lambda info: seen.update({info.step: info.noise.clone()}))
+    start, moved = seen[0], seen[1]
+    changed = {i for i in range(n) if not torch.equal(start.steps[i], moved.steps[i])}
+    if not torch.equal(start.x_T, moved.x_T):
+        changed.add("x_T")
+    assert changed == official
+
+
+def test_opt_window_that_optimises_nothing_names_the_node_inputs():
+    with pytest.raises(DNOError, match="opt_window=1 with sampler_mode ODE .* optimises nothing"):
+        run(DNOConfig(steps=1, window=1), eta=0.0)
+    res = run(DNOConfig(steps=2, lr=0.05, window=6), eta=0.0)   # every step: x_T
+    assert not torch.equal(res.noise.x_T, DNONoise.from_seed((2, 4, 8, 8), 6, seed=0).x_T)
+
+
 def test_deterministic_for_fixed_seed():
     a = run(DNOConfig(steps=4, lr=0.05, method="hybrid", q=4))
     b = run(DNOConfig(steps=4, lr=0.05, method="hybrid", q=4))
@@ -172,7 +194,8 @@ def test_out_of_memory_keeps_the_best_once_something_was_scored():
 
 
 def test_bad_config_is_named():
-    with pytest.raises(DNOError, match="window"):
+    with pytest.raises(DNOError, match=r"opt_window must be 0 \(every step and x_T\) or between 1 and the "
+                                       r"number of sampling steps \(6\), got 7"):
         run(DNOConfig(steps=1, window=7))
     with pytest.raises(DNOError, match="precision"):
         run(DNOConfig(steps=1, precision="fp8"))

@@ -174,6 +174,12 @@ def test_bad_inputs_are_clear_node_errors(pack, sd15):
         dno_sample(pack, model, vae, pos, neg, torch.ones(1, 16, 8, 8), "sde", seed=1)
     with pytest.raises(DNOError, match="steps must be at least 1"):
         dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, steps=0)
+    # opt_window counts as the paper's opt_time: 1 optimises the noise of the last step (SDE);
+    # an ODE sampler has no noise there, and the error names both node inputs
+    out, _, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=1, opt_window=1)
+    assert len(history["steps"]) == 2 and torch.isfinite(out).all()
+    with pytest.raises(DNOError, match="opt_window=1 with sampler_mode ODE .*optimises nothing"):
+        dno_sample(pack, model, vae, pos, neg, latent, "ode", seed=1, opt_steps=1, opt_window=1)
     # a model patch holding a weight made under inference mode (as custom nodes' adapters do)
     with torch.inference_mode():
         scale = torch.tensor(1.0)

@@ -6,6 +6,7 @@ import json
 import comfy.samplers
 
 from ..dno import DNOConfig, DNOError
+from ..dno.regularizer import DEFAULT_PERMUTATIONS
 from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
 
 MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
@@ -152,17 +153,25 @@ class DNONoiseRegularizer:
     def INPUT_TYPES(cls):
         return {"required": {
             "gamma": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                "tooltip": "Weight of the penalty (0 = off)."}),
+                                "tooltip": "Weight of the penalty (0 = off). With the default block_exponent "
+                                           "and permutations this is the paper's gamma."}),
             "block_exponent": ("INT", {"default": 1, "min": 0, "max": 6,
-                                       "tooltip": "k: blocks of 4**k numbers."}),
-            "permutations": ("INT", {"default": 0, "min": 0, "max": 1000,
-                                     "tooltip": "Random permutations on top of the sequential split."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffff}),
+                                       "tooltip": "k: blocks of 4**k numbers (the paper's code: 1)."}),
+            "permutations": ("INT", {"default": DEFAULT_PERMUTATIONS, "min": 0, "max": 1000,
+                                     "tooltip": "Random permutations averaged on top of the sequential split. "
+                                                f"{DEFAULT_PERMUTATIONS} = the paper's code: its penalty, so gamma "
+                                                "is the paper's (typical noise costs 4 log 2). 0 = sequential "
+                                                "split only: about half the penalty, cheaper."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffff,
+                             "tooltip": "Seed of the permutations (fixed for the whole run)."}),
         }}
 
     RETURN_TYPES = ("DNO_REGULARIZER",)
     FUNCTION = "build"
     CATEGORY = "DNO"
+    DESCRIPTION = ("The paper's probability regulariser: penalises noise that stops looking like N(0, I) "
+                   "(block means and covariances). The defaults compute the official code's penalty, so "
+                   "gamma means the paper's gamma.")
 
     def build(self, gamma, block_exponent, permutations, seed):
         from ..dno import ProbabilityRegularizer

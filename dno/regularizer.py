@@ -64,13 +64,30 @@ def block_log_probs(flat: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, 
                        f"of 4**k = {d}; lower the block exponent k")
     x = flat[..., : n * d].reshape(flat.shape[:-1] + (n, d)).float()
     mean = x.mean(dim=-2)
-    cov = x.transpose(-1, -2) @ x / n
+    cov = _gram(x) / n
     eye = torch.eye(d, device=x.device, dtype=x.dtype)
     cov_dev = torch.linalg.matrix_norm(cov - eye, ord=2)
     mean_lp = (-n * mean.pow(2).sum(-1) / (2 * d)).clamp(max=_LOG_HALF)
     excess = (torch.sqrt(1 + cov_dev) - 1 - math.sqrt(d / n)).clamp(min=0)
     cov_lp = (-n * excess.pow(2) / 2).clamp(max=_LOG_HALF)
     return mean_lp, cov_lp
+
+
+def _gram(x: torch.Tensor, split: int = 4096) -> torch.Tensor:
+    """x^T x over the blocks axis, (..., n, d) -> (..., d, d).
+
+    One (d x n) @ (n x d) product per matrix leaves a GPU almost idle (two tiny dimensions, one
+    huge); n is split into rows of ``split`` blocks whose products are summed instead (zero
+    blocks pad the last row and add nothing).
+    """
+    n = x.shape[-2]
+    if n <= split:
+        return x.transpose(-1, -2) @ x
+    pad = -n % split
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    x = x.reshape(x.shape[:-2] + (-1, split, x.shape[-1]))
+    return (x.transpose(-1, -2) @ x).sum(dim=-3)
 
 
 class ProbabilityRegularizer:

@@ -68,7 +68,8 @@ def test_chunked_checkpointed_permutations_give_the_same_penalty_and_gradient():
         torch.testing.assert_close(ProbabilityRegularizer(permutations=20, seed=4).terms(x).loss, results[0][0])
 
 
-@pytest.mark.parametrize("shape,k", [((4, 8, 8), 1), ((4, 16, 16), 2), ((3, 5, 7), 1), ((16, 8, 8), 3)])
+@pytest.mark.parametrize("shape,k", [((4, 8, 8), 1), ((4, 16, 16), 2), ((3, 5, 7), 1), ((16, 8, 8), 3),
+                                     ((4, 72, 72), 1), ((8, 64, 64), 1)])  # the last two: split Gram
 @pytest.mark.parametrize("kind", ["normal", "scaled", "shifted"])
 def test_matches_independent_formula(shape, k, kind):
     g = torch.Generator().manual_seed(0)

@@ -89,11 +89,13 @@ def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class TrainableNoise:
     """The part of a :class:`DNONoise` that DNO optimises, as autograd leaves.
 
-    With a window of the last K sampling steps (the paper's ``opt_time``),
-    only the noises injected in those steps are optimised, plus x_T when the
-    window covers every step. Steps whose noise has a zero coefficient (the
-    last step, any step of an ODE sampler) are never optimised: their value
-    does not change the sample, so they would only distort the regulariser.
+    With a window of K steps (the paper's ``opt_time``; see
+    ``dno.optimize.optimised_noises``) these are the noise that enters the
+    first of the last K steps (x_T when the window covers every step, else the
+    noise injected by the step before it) and every noise injected after it.
+    Steps whose noise has a zero coefficient (the last step, any step of an
+    ODE sampler) are never optimised: their value does not change the
+    sample, so they would only distort the regulariser.
     """
 
     def __init__(self, noise: DNONoise, step_indices: Sequence[int], optimise_x_T: bool):
@@ -110,8 +112,8 @@ class TrainableNoise:
         if self.step_indices:
             self.leaves.append(self.base.steps[self.step_indices].clone().float().requires_grad_(True))
         if not self.leaves:
-            raise DNOError("nothing to optimise: the window holds no step with injected noise and "
-                           "does not reach x_T; widen the window (opt_steps) or use eta > 0")
+            raise DNOError("nothing to optimise: opt_window reaches no step with injected noise and "
+                           "not x_T; widen opt_window (0 = every step and x_T) or use sampler_mode SDE")
 
     @property
     def batch_size(self) -> int:

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from .checkpointing import checkpoint as _checkpoint, checkpointed_blocks, segments_of
@@ -44,7 +44,9 @@ class DNOConfig:
     weight_decay: float = 0.0
     time_budget: Optional[float] = None   # seconds; the run stops before exceeding it
     target_reward: Optional[float] = None # stop once every sample reached it
-    window: Optional[int] = None          # the paper's opt_time: last K steps optimised; None = all + x_T
+    # The paper's opt_time K: the K noises that enter the last K denoiser calls (see sampling.sample);
+    # None or 0 = every step and x_T.
+    window: Optional[int] = None
     # How the exact-gradient pass trades memory for time: True recomputes every step, False stores
     # all, n stores n steps, "auto" stores as many as memory_budget_gb allows (all of them when
     # the card has room, block checkpointing when not even per-step recomputation fits),
@@ -187,16 +189,23 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     if latent is not None and tuple(latent.shape) != tuple(noise.x_T.shape):
         raise DNOError(f"latent shape {tuple(latent.shape)} does not match the noise shape "
                        f"{tuple(noise.x_T.shape)}")
-    window = n if config.window is None else int(config.window)
+    window = n if not config.window else int(config.window)
     if not 1 <= window <= n:
-        raise DNOError(f"window (opt_steps) must be between 1 and the number of sampling steps ({n}), got {window}")
+        raise DNOError(f"opt_window must be 0 (every step and x_T) or between 1 and the number of sampling "
+                       f"steps ({n}), got {window}")
     method = resolve_method(config.method, reward)
     device = noise.x_T.device
     batch = noise.batch_size
 
-    steps_in_window = [i for i in range(n - window, n) if noise.steps is not None
-                       and step_uses_noise(schedule, sig[i], sig[i + 1], eta)]
-    params = TrainableNoise(noise, steps_in_window, optimise_x_T=(window == n))
+    steps_in_window, optimise_x_T = optimised_noises(schedule, sig, eta, window, noise.steps is not None)
+    if not steps_in_window and not optimise_x_T:
+        if eta == 0 or noise.steps is None:
+            raise DNOError(f"opt_window={window} with sampler_mode ODE (eta=0) optimises nothing: an ODE "
+                           f"sampler injects no noise after x_T, and x_T is optimised only when opt_window "
+                           f"covers every sampling step (0 or {n}); set opt_window=0 or sampler_mode SDE")
+        raise DNOError(f"opt_window={window} optimises nothing: none of the last {window + 1} sampling steps "
+                       f"injects noise at eta={eta}; widen opt_window (0 = every step and x_T)")
+    params = TrainableNoise(noise, steps_in_window, optimise_x_T=optimise_x_T)
     optimizer = torch.optim.AdamW(params.leaves, lr=config.lr, weight_decay=config.weight_decay)
     scaler = grad_scaler(config.precision, device)
 
@@ -374,6 +383,21 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
         renderer.release()
         scopes.close()
     return result()
+
+
+def optimised_noises(schedule: NoiseSchedule, sig: List[float], eta: float, window: int,
+                     has_step_noise: bool = True) -> Tuple[List[int], bool]:
+    """Which noises ``window`` = K (the paper's ``opt_time``) optimises: (step indices, x_T?).
+
+    As in the official code: the noise that enters the first of the last K steps (x_T when K
+    covers all n steps, else the noise the step before them injects) and every noise injected
+    after it. A schedule ending at sigma 0 injects none in its last step, so SDE sampling
+    optimises K noises. Steps whose noise has a zero coefficient are left out.
+    """
+    n = len(sig) - 1
+    steps = [i for i in range(max(0, n - window - 1), n)
+             if has_step_noise and step_uses_noise(schedule, sig[i], sig[i + 1], eta)]
+    return steps, window == n
 
 
 def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig: List[float],

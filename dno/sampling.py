@@ -75,11 +75,15 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float
     return x_next
 
 
+def denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The denoiser's x0 at sigma, in x's dtype."""
+    return denoiser(x, x.new_full((x.shape[0],), sigma)).to(x.dtype)
+
+
 def denoise_step(denoiser: Denoiser, schedule: NoiseSchedule, eta: float, sigma: float,
                  sigma_next: float, x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Call the denoiser at sigma and take one DDIM step (the checkpointed unit)."""
-    x0 = denoiser(x, x.new_full((x.shape[0],), sigma)).to(x.dtype)
-    return ddim_step(x, x0, sigma, sigma_next, noise, eta, schedule)
+    return ddim_step(x, denoise(denoiser, x, sigma), sigma, sigma_next, noise, eta, schedule)
 
 
 def stored_steps(window: int, checkpoint: Union[bool, int]) -> int:
@@ -104,11 +108,16 @@ def sample(denoiser: Denoiser, noise, sigmas, schedule: NoiseSchedule = VP, eta:
            window: Optional[int] = None, checkpoint: Union[bool, int] = True) -> torch.Tensor:
     """Run DDIM(eta) from ``noise`` and return the final latent.
 
-    ``noise`` is a :class:`dno.noise.DNONoise`. ``window`` is the paper's
-    ``opt_time``: the number of *final* sampling steps that carry a graph.
-    Steps before the window run without autograd (their noises and x_T are
-    fixed); ``None`` means every step, x_T included. ``latent`` is the
-    starting image for img2img (sigmas then start below sigma_max and
+    ``noise`` is a :class:`dno.noise.DNONoise`. ``window`` = K is the paper's
+    ``opt_time``: the last K sampling steps carry a graph through the
+    denoiser, and the noise that enters the first of them stays
+    differentiable with every noise after it. That noise is x_T when K
+    covers every step, else the noise injected by the step before the
+    window, whose own denoiser call runs without a graph (its input is
+    fixed). So K reaches K noises, as in the official code: the last step
+    injects none (sigma 0), and the noises and x_T before are fixed.
+    ``None`` means every step, x_T included. ``latent`` is the starting
+    image for img2img (sigmas then start below sigma_max and
     ``full_denoise`` is False).
     """
     sig = as_sigma_list(sigmas)
@@ -126,9 +135,14 @@ def sample(denoiser: Denoiser, noise, sigmas, schedule: NoiseSchedule = VP, eta:
     for i in range(n):
         z = noise.steps[i] if noise.steps is not None else None
         args = (denoiser, schedule, eta, sig[i], sig[i + 1])
-        if i < first_graph_step:
+        if i < first_graph_step - 1:
             with torch.no_grad():
                 x = denoise_step(*args, x, None if z is None else z.detach())
+        elif i == first_graph_step - 1:
+            # the step whose injected noise enters the window: only that noise is differentiable
+            with torch.no_grad():
+                x0 = denoise(denoiser, x, sig[i])
+            x = ddim_step(x, x0, sig[i], sig[i + 1], z, eta, schedule)
         elif grad_on and i - first_graph_step >= keep:
             x = _checkpoint(denoise_step, *args, x, z)
         else:

@@ -6,6 +6,7 @@ import json
 import comfy.samplers
 
 from ..dno import DNOConfig, DNOError
+from ..dno.regularizer import DEFAULT_PERMUTATIONS
 from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
 from .rewards import require_prompt
 
@@ -42,7 +43,11 @@ def optional_inputs():
         "target_reward": ("FLOAT", {"default": 0.0, "min": -1e9, "max": 1e9, "step": 0.01}),
         "stop_at_target": ("BOOLEAN", {"default": False}),
         "opt_window": ("INT", {"default": 0, "min": 0, "max": 10000,
-                               "tooltip": "Optimise only the last N sampling steps (0 = all, x_T included)."}),
+                               "tooltip": "The paper's opt_time N: optimise the N noises that enter the last N "
+                                          "sampling steps (x_T counts as the first step's; the last step "
+                                          "injects none). Earlier steps run without a graph (cheaper). "
+                                          "0 = every step and x_T. With sampler_mode ODE only 0 (or N = "
+                                          "steps) optimises anything."}),
         "preview_every": ("INT", {"default": 5, "min": 0, "max": 1000,
                                   "tooltip": "Send a preview image every N optimisation steps (and at the last); "
                                              "0 = no previews. Each preview costs an image encode and transfer."}),
@@ -150,17 +155,25 @@ class DNONoiseRegularizer:
     def INPUT_TYPES(cls):
         return {"required": {
             "gamma": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                "tooltip": "Weight of the penalty (0 = off)."}),
+                                "tooltip": "Weight of the penalty (0 = off). With the default block_exponent "
+                                           "and permutations this is the paper's gamma."}),
             "block_exponent": ("INT", {"default": 1, "min": 0, "max": 6,
-                                       "tooltip": "k: blocks of 4**k numbers."}),
-            "permutations": ("INT", {"default": 0, "min": 0, "max": 1000,
-                                     "tooltip": "Random permutations on top of the sequential split."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffff}),
+                                       "tooltip": "k: blocks of 4**k numbers (the paper's code: 1)."}),
+            "permutations": ("INT", {"default": DEFAULT_PERMUTATIONS, "min": 0, "max": 1000,
+                                     "tooltip": "Random permutations averaged on top of the sequential split. "
+                                                f"{DEFAULT_PERMUTATIONS} = the paper's code: its penalty, so gamma "
+                                                "is the paper's (typical noise costs 4 log 2). 0 = sequential "
+                                                "split only: about half the penalty, cheaper."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffff,
+                             "tooltip": "Seed of the permutations (fixed for the whole run)."}),
         }}
 
     RETURN_TYPES = ("DNO_REGULARIZER",)
     FUNCTION = "build"
     CATEGORY = "DNO"
+    DESCRIPTION = ("The paper's probability regulariser: penalises noise that stops looking like N(0, I) "
+                   "(block means and covariances). The defaults compute the official code's penalty, so "
+                   "gamma means the paper's gamma.")
 
     def build(self, gamma, block_exponent, permutations, seed):
         from ..dno import ProbabilityRegularizer

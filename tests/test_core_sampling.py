@@ -146,15 +146,35 @@ def test_gradient_matches_finite_differences_fp64(kind, schedule):
     assert abs(analytic - numeric) / abs(numeric) < 1e-3, (analytic.item(), numeric.item())
 
 
-def test_window_blocks_gradient_to_early_noise():
+@pytest.mark.parametrize("checkpoint", [True, False, 1])
+def test_window_k_differentiates_the_k_noises_of_the_official_opt_time(checkpoint):
+    # The official code's opt_time K (t counts down, noise t = 0 unused, noise n = x_T): noises
+    # t = 1..K are differentiable through every step after them, the others are fixed.
     den = ToyDenoiser("eps")
-    sig = vp_sigmas(5)
-    noise = DNONoise.from_seed((1, 4, 4, 4), 5, seed=0)
-    x_T = noise.x_T.clone().requires_grad_(True)
-    steps = noise.steps.clone().requires_grad_(True)
-    sample(den, DNONoise(x_T, steps), sig, VP, 1.0, window=2).sum().backward()
-    assert x_T.grad is None or not x_T.grad.any()
-    assert not steps.grad[:3].any() and steps.grad[3].abs().sum() > 0
+    n = 5
+    sig = vp_sigmas(n)
+    noise = DNONoise.from_seed((1, 4, 4, 4), n, seed=0)
+
+    def grads(window):
+        x_T = noise.x_T.clone().requires_grad_(True)
+        steps = noise.steps.clone().requires_grad_(True)
+        sample(den, DNONoise(x_T, steps), sig, VP, 1.0, window=window, checkpoint=checkpoint).sum().backward()
+        zero = torch.zeros_like(x_T)
+        return [zero if x_T.grad is None else x_T.grad] + list(steps.grad)   # index 1 + i: step i
+
+    full = grads(None)
+    for window in range(1, n + 1):
+        official = {n if t == n else n - 1 - t for t in range(1, window + 1)}   # step index, n = x_T
+        g = grads(window)
+        for index in range(n + 1):
+            ours = g[0] if index == n else g[1 + index]
+            ref = full[0] if index == n else full[1 + index]
+            if index in official:
+                # the whole graph after the noise is there: the gradient is the full-graph one
+                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+                assert ours.abs().sum() > 0, (window, index)
+            else:
+                assert not ours.any(), (window, index)
 
 
 def test_bad_input_is_named():

@@ -174,6 +174,12 @@ def test_bad_inputs_are_clear_node_errors(pack, sd15):
         dno_sample(pack, model, vae, pos, neg, torch.ones(1, 16, 8, 8), "sde", seed=1)
     with pytest.raises(DNOError, match="steps must be at least 1"):
         dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, steps=0)
+    # opt_window counts as the paper's opt_time: 1 optimises the noise of the last step (SDE);
+    # an ODE sampler has no noise there, and the error names both node inputs
+    out, _, history = dno_sample(pack, model, vae, pos, neg, latent, "sde", seed=1, opt_steps=1, opt_window=1)
+    assert len(history["steps"]) == 2 and torch.isfinite(out).all()
+    with pytest.raises(DNOError, match="opt_window=1 with sampler_mode ODE .*optimises nothing"):
+        dno_sample(pack, model, vae, pos, neg, latent, "ode", seed=1, opt_steps=1, opt_window=1)
     # a model patch holding a weight made under inference mode (as custom nodes' adapters do)
     with torch.inference_mode():
         scale = torch.tensor(1.0)
@@ -195,3 +201,17 @@ def test_bad_inputs_are_clear_node_errors(pack, sd15):
                                  reward=NaNAfter(2))
     assert "non-finite reward at step 2" in history["stop_reason"]
     assert torch.isfinite(out).all() and len(history["steps"]) == 2
+
+
+def test_regularizer_node_defaults_give_the_papers_gamma(pack):
+    # the core's defaults compute the official penalty (tests/test_core_regularizer.py); the node's
+    # defaults must be those, and say so
+    from comfyui_dno.dno import ProbabilityRegularizer
+    node = pack.nodes.sampler.DNONoiseRegularizer
+    inputs = node.INPUT_TYPES()["required"]
+    defaults = {name: spec[1]["default"] for name, spec in inputs.items()}
+    assert defaults["permutations"] == 100 and defaults["block_exponent"] == 1
+    (reg,) = node().build(**defaults)
+    x = torch.randn(2, 4 * 16 * 16, generator=torch.Generator().manual_seed(0)) * 1.3
+    torch.testing.assert_close(reg.terms(x).loss, ProbabilityRegularizer(gamma=reg.gamma).terms(x).loss)
+    assert "paper's gamma" in node.DESCRIPTION and "paper's" in inputs["permutations"][1]["tooltip"]

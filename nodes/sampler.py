@@ -10,7 +10,8 @@ from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
 
 MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
 METHODS = ["auto", "autograd", "hybrid", "zeroth_order"]
-PRECISIONS = ["bf16", "fp16", "fp32"]
+# "auto" first: the default of new nodes; workflows saved with bf16/fp16/fp32 keep their choice.
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 MEMORY_MODES = {"auto": "auto", "low memory (recompute every step)": True,
                 "lowest memory (recompute blocks)": "blocks", "fastest (store every step)": False}
 
@@ -27,7 +28,9 @@ def optimisation_inputs():
         "lr": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 10.0, "step": 0.001}),
         "method": (METHODS, {"tooltip": "auto = exact gradients for differentiable rewards, "
                                         "hybrid estimator otherwise."}),
-        "precision": (PRECISIONS, {"tooltip": "Autocast precision of the differentiable pass."}),
+        "precision": (PRECISIONS, {"tooltip": "Autocast precision of the differentiable pass. auto: fp32 on "
+                                              "a CPU (bf16 there is many times slower), the model's own "
+                                              "dtype on a GPU."}),
         "time_budget": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 86400.0, "step": 1.0,
                                   "tooltip": "Seconds; 0 = no limit."}),
         "reward_prompt": ("STRING", {"default": "", "multiline": True,

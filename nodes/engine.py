@@ -23,10 +23,10 @@ import comfy.samplers
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, optimize
 from ..dno.frozen import noise_only_backward
 from ..dno.precision import AUTO, resolve_precision
-from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
+from .host import (clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
                    uses_torch_compile, vae_decoder)
-from .progress import RunReporter
+from .progress import RunReporter, WatchedDenoiser
 
 log = logging.getLogger("DNO")
 
@@ -96,7 +96,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 sig = sigmas.clone().float()
                 mask = None if denoise_mask is None else denoise_mask.clone()
                 steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
-                denoiser = HostDenoiser(model_wrap, sig, extra_args, x_T, latent, mask)
+                denoiser = WatchedDenoiser(reporter, model_wrap, sig, extra_args, x_T, latent, mask)
                 decode = vae_decoder(s.vae, base_model.process_latent_out)
                 config = graph_config(sampler_config(precision_config(s.config, base_model, x_T.device),
                                                      base_model), base_model)

@@ -13,7 +13,6 @@ defined once for both modes in ``demo/cli.py``: ``--opt-steps`` is DNO updates a
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Sequence
@@ -115,8 +114,8 @@ def main(argv: Sequence[str] = None) -> RunSummary:
     title = f"{args.reward}, gamma={settings['gamma']}, lr={settings['lr']}, seeds {seeds[0]}..{seeds[-1]}"
     save_curve(summary.reward_curve, out / "reward_curve.png", title)
     print(describe(summary))
-    print(f"realism = classifier probability of 'uncorrupted dataset image' (dataset ~0.78, model samples ~0.6-0.7); "
-          f"denoise err = the model's own x0 error on the image (lower = more in distribution)")
+    print("realism = classifier probability of 'uncorrupted dataset image' (dataset ~0.78, model samples ~0.6-0.7); "
+          "denoise err = the model's own x0 error on the image (lower = more in distribution)")
     print(f"wrote {out / 'before_after.png'} (top: unoptimised, bottom: DNO) and {out / 'reward_curve.png'}")
     return summary
 

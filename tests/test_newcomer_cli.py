@@ -147,6 +147,46 @@ def test_test_tools_are_pinned_to_versions_the_suite_ran_on():
         f"this run's pytest {pytest.__version__} is outside {pytest_req}"
 
 
+def test_log_stream_passes_what_a_user_needs_and_throttles_progress_bars():
+    from demo.comfy_run import LogStream
+
+    now, shown = [0.0], []
+    stream = LogStream(shown.append, every=5.0, clock=lambda: now[0])
+    stream.feed("got prompt\nsome host noise\nRequested to load BaseModel\n")
+    for i in range(11):                     # tqdm redraws with \r, one second apart
+        now[0] = float(i)
+        stream.feed(f"\r{i * 10}%|####| {i}/10 [00:{i:02d}<00:10,  1.00it/s]")
+    stream.feed("\r100%|####| 10/10 [00:10<00:00,  1.00it/s]\n")   # tqdm's closing repeat
+    stream.feed("DNO step 0/2  reward 0.1  best 0.1\nDNO: step 1/2 in progress, model call at sampling ")
+    assert shown[-1].startswith("DNO step 0/2")          # half a line waits for its end
+    stream.feed("step 3/10, 20 s into this step\nPrompt executed in 12.0 seconds\n")
+    assert shown == [
+        "ComfyUI: got prompt", "ComfyUI: Requested to load BaseModel",
+        "sampling 0%|####| 0/10 [00:00<00:10,  1.00it/s]",
+        "sampling 50%|####| 5/10 [00:05<00:10,  1.00it/s]",
+        "sampling 100%|####| 10/10 [00:10<00:10,  1.00it/s]",
+        "DNO step 0/2  reward 0.1  best 0.1",
+        "DNO: step 1/2 in progress, model call at sampling step 3/10, 20 s into this step",
+        "ComfyUI: Prompt executed in 12.0 seconds"], shown
+
+
+def test_checkpoint_mode_without_the_host_packages_says_what_to_install(tmp_path):
+    """With only requirements-demo.txt installed, --checkpoint names the missing packages and the
+    install command instead of failing inside the server (a package is hidden from the check)."""
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"not read: the check comes first")
+    script = ("import sys, demo.comfy_run as c\n"
+              "c.HOST_MODULES = c.HOST_MODULES + ('no_such_host_module',)\n"
+              "from demo.run_dno import entry\n"
+              f"sys.exit(entry(['--checkpoint', {str(ckpt)!r}, '--out', {str(tmp_path / 'out')!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    done = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "no_such_host_module" in done.stderr and "pip install -r requirements-test.txt" in done.stderr
+    assert "requirements-demo.txt" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- --checkpoint mode
 
 class Terminal:

@@ -1,37 +1,41 @@
 """Run an example DNO workflow on a real checkpoint through a real ComfyUI host.
 
-    python3 -m demo.comfy_run --checkpoint /path/to/v1-5-pruned-emaonly.safetensors \\
+    python3 -m demo.run_dno --checkpoint /path/to/v1-5-pruned-emaonly.safetensors \\
         [--workflow dno_txt2img_ksampler] [--width 512 --height 512 --steps 50 --opt-steps 20] \\
-        [--precision bf16] [--prompt "..."] [--reward brightness] [--out outputs/comfy] \\
+        [--precision auto] [--prompt "..."] [--reward brightness] [--out outputs/comfy] \\
         [--comfyui /path/to/ComfyUI]
 
+(``python3 -m demo.comfy_run`` takes the same flags; both use the one parser in demo/cli.py.)
 A ComfyUI server (``$COMFYUI_PATH``, ``--comfyui``, or ComfyUI 0.3.75 fetched once into
 ``.cache/comfyui``) is started with this repository as a custom node and the checkpoint linked
 into its models folder. The API-format workflow from ``example_workflows/api/`` is posted
-with the command-line overrides applied; every ``DNO step`` line the server logs is printed as
-it appears. When the prompt finishes, the saved images, ``rewards.json`` and a reward-per-step
-plot land in ``--out``.
+with the command-line overrides applied; what the server logs about the run (model loading,
+sampling progress bars, DNO's step lines and its in-step progress) is printed as it appears.
+When the prompt finishes, the saved images, ``rewards.json`` and a reward-per-step plot land
+in ``--out``. SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the server before the client exits.
 
-Options left out keep the workflow's own values (512x512, 50 sampling steps, 20 DNO steps, bf16
-for the txt2img example). ``main(argv)`` is the entry point; ``run(options)`` does the work and
+Options left out keep the workflow's own values (512x512, 50 sampling steps, 20 DNO steps,
+precision auto). ``main(argv)`` is the entry point; ``run(options)`` does the work and
 returns a :class:`RunResult`.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from demo import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO_ROOT / "example_workflows" / "api"
@@ -51,8 +55,28 @@ DNO_NODES = ("DNOKSampler", "DNOSampler")
 SAMPLING_STEP_NODES = ("DNOKSampler", "KSampler", "BasicScheduler")
 
 
+# What ComfyUI 0.3.75 imports at start-up: requirements-test.txt and the host's own requirements install it, the demo's own
+# requirements-demo.txt does not (the shapes demo needs none of it).
+HOST_MODULES = ("torchvision", "torchsde", "einops", "tokenizers", "sentencepiece", "transformers", "safetensors",
+                "aiohttp", "yarl", "yaml", "scipy", "tqdm", "psutil", "alembic", "sqlalchemy", "av", "kornia",
+                "spandrel", "pydantic", "pydantic_settings", "requests", "matplotlib")
+INSTALL_HINT = "python3 -m pip install -r requirements-test.txt && python3 tests/install_host_requirements.py"
+
+
 class ComfyRunError(RuntimeError):
     """A clear, user-facing failure: bad input, a host that did not start, a failed prompt."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so the server is stopped on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def missing_host_modules() -> list[str]:
+    return [m for m in HOST_MODULES if importlib.util.find_spec(m) is None]
 
 
 # --------------------------------------------------------------------------- options
@@ -99,43 +123,17 @@ class RunResult:
     seconds: float
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python3 -m demo.comfy_run",
-        description="Run an example DNO workflow on your checkpoint through a real ComfyUI host. "
-                    "Options left out keep the workflow's values.")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="checkpoint file (e.g. v1-5-pruned-emaonly.safetensors)")
-    p.add_argument("--workflow", default=DEFAULT_WORKFLOW,
-                   help=f"name in example_workflows/api/ or a path to an API-format .json "
-                        f"(default {DEFAULT_WORKFLOW})")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default outputs/comfy)")
-    p.add_argument("--comfyui", type=Path, default=None,
-                   help="ComfyUI checkout to use (default $COMFYUI_PATH, else ComfyUI 0.3.75 cached "
-                        "in .cache/comfyui)")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--steps", type=int, help="sampling steps")
-    p.add_argument("--opt-steps", type=int, help="DNO optimisation steps")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--lr", type=float, help="DNO learning rate")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--prompt", help="positive prompt")
-    p.add_argument("--negative", help="negative prompt")
-    p.add_argument("--reward", help="built-in reward (brightness, darkness, saturation, contrast, ...)")
-    p.add_argument("--image", type=Path, help="input image for the img2img and ControlNet workflows")
-    p.add_argument("--controlnet", type=Path, help="ControlNet .safetensors for the dno_controlnet workflow")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="auto: a CUDA GPU when torch sees one, else the CPU")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1),
-                   help="CPU threads for the server")
-    return p
-
-
 def options_from(argv: Optional[list[str]]) -> RunOptions:
-    ns = build_parser().parse_args(argv)
-    return RunOptions(**vars(ns))
+    """RunOptions from a command line (the demo's one parser, demo/cli.py; --checkpoint required)."""
+    return options_of(cli.parse(argv, prog="python3 -m demo.comfy_run", require_checkpoint=True))
+
+
+def options_of(ns) -> RunOptions:
+    """RunOptions from parsed arguments; options left out keep RunOptions' defaults (None = the
+    workflow's own value)."""
+    given = {f.name: getattr(ns, f.name) for f in fields(RunOptions)
+             if getattr(ns, f.name, None) is not None}
+    return RunOptions(**given)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -237,6 +235,42 @@ def apply_overrides(api: dict, opts: RunOptions, checkpoint_name: str,
     return api
 
 
+def workload(api: dict) -> dict:
+    """Image size, sampling steps and DNO steps of a workflow (None where it has none)."""
+    def first(class_types, key):
+        values = [n["inputs"][key] for n in nodes_of(api, *class_types)
+                  if not isinstance(n["inputs"].get(key, []), list)]
+        return values[0] if values else None
+    return {"width": first(("EmptyLatentImage",), "width"), "height": first(("EmptyLatentImage",), "height"),
+            "steps": first(SAMPLING_STEP_NODES, "steps"), "opt_steps": first(DNO_NODES, "opt_steps")}
+
+
+def describe_size(api: dict) -> str:
+    w = workload(api)
+    size = "input image size" if w["width"] is None else f"{w['width']}x{w['height']}"
+    return f"{size}, {w['steps']} sampling steps x {w['opt_steps']} DNO steps"
+
+
+def hint_flags() -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cli.CPU_HINT.items())
+
+
+def cpu_notes(api: dict, settings: dict) -> list[str]:
+    """What a CPU run should know before it starts: the precision and the size to try first."""
+    notes = []
+    if settings.get("precision") in ("bf16", "fp16"):
+        notes.append(f"note: precision {settings['precision']} on a CPU runs far slower than fp32 (bf16 "
+                     "autocast measured ~30x slower on a 2-core CPU); leave --precision out (auto = fp32 "
+                     "on the CPU) or give --precision fp32.")
+    w = workload(api)
+    big = any(w[k] is not None and w[k] > v for k, v in cli.CPU_HINT.items())
+    if big:
+        notes.append("note: no GPU in use. A full-size model (SD1.5) at 512x512 with 50 sampling steps x 20 "
+                     "DNO steps takes hours on a CPU; for a first look try "
+                     f"{hint_flags()} (minutes with precision auto).")
+    return notes
+
+
 def needed_input_images(api: dict) -> list[str]:
     return [n["inputs"]["image"] for n in nodes_of(api, "LoadImage")]
 
@@ -292,10 +326,18 @@ def describe_rejection(message: str) -> str:
     error = body.get("error") or {}
     if error.get("message"):
         lines.append(f"{error['message']}: {error.get('details', '')}".rstrip(": "))
+    seen = set()
     for node_id, info in (body.get("node_errors") or {}).items():
         for e in info.get("errors", []):
+            details = e.get("details", "")
+            if e.get("type") == "custom_validation_failed":
+                # ComfyUI repeats a VALIDATE_INPUTS message once per input it takes ("name - why")
+                details = details.split(" - ", 1)[-1]
+                if (node_id, details) in seen:
+                    continue
+                seen.add((node_id, details))
             lines.append(f"node {node_id} ({info.get('class_type', '?')}): {e.get('message', '')}: "
-                         f"{e.get('details', '')}".rstrip(": "))
+                         f"{details}".rstrip(": "))
     return "\n  ".join(lines) or message
 
 
@@ -344,25 +386,77 @@ def parse_steps(text: str) -> list[StepRecord]:
     return records
 
 
+# ComfyUI's tqdm bars: " 30%|###       | 3/10 [00:04<00:10,  1.52s/it]"
+PROGRESS_LINE = re.compile(r"^\s*(\d+)%\|.*\|\s*(\d+)/(\d+)\s*\[")
+# What the host logs about a prompt that a user wants to see (model loading, timing).
+HOST_LINES = ("got prompt", "model weight dtype", "Requested to load", "Prompt executed in")
+
+
+class LogStream:
+    """Turns the server log, read as it grows, into the lines a user sees on the terminal.
+
+    DNO's lines (its step lines, the in-step heartbeat, its notes) pass as they are; the host's
+    model-loading and timing lines pass with a ``ComfyUI:`` prefix; the host's sampling progress
+    bars pass as ``sampling ...`` lines, at most one per ``every`` seconds per bar, and the last
+    one of each bar. Everything else stays in the log (``<out>/server.log``).
+    """
+
+    def __init__(self, on_line: Callable[[str], None], every: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.on_line = on_line
+        self.every = every
+        self.clock = clock
+        self.pending = ""
+        self.bar_shown_at: Optional[float] = None
+        self.bar_last: Optional[tuple[int, int]] = None
+
+    def feed(self, text: str) -> None:
+        self.pending += text
+        *complete, self.pending = re.split(r"\r\n|\r|\n", self.pending)
+        for line in complete:
+            self.line(line)
+
+    def line(self, line: str) -> None:
+        text = line.strip()
+        if not text:
+            return
+        bar = PROGRESS_LINE.match(text)
+        if bar:
+            done, total = int(bar.group(2)), int(bar.group(3))
+            now = self.clock()
+            new_bar = self.bar_last is None or done < self.bar_last[0] or total != self.bar_last[1]
+            if new_bar:
+                self.bar_shown_at = None
+            if (done, total) == self.bar_last:
+                return      # tqdm repeats its final state when the bar closes
+            due = self.bar_shown_at is None or now - self.bar_shown_at >= self.every
+            self.bar_last = (done, total)
+            if due or done == total:
+                self.bar_shown_at = now
+                self.on_line(f"sampling {text}")
+            return
+        if text.startswith("DNO"):
+            self.on_line(text)
+        elif text.startswith(HOST_LINES):
+            self.on_line(f"ComfyUI: {text}")
+
+
 def follow(server, prompt_id: str, log_from: int, timeout: Optional[float],
            on_line: Callable[[str], None], poll: float = 0.25) -> tuple[dict, str]:
-    """Wait for ``prompt_id``, handing each new DNO step log line to ``on_line`` as it appears.
+    """Wait for ``prompt_id``, handing the log lines a user should see (:class:`LogStream`)
+    to ``on_line`` as they appear.
 
     Returns the history entry and the server log written while the prompt ran.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     seen = log_from
-    pending = ""
+    stream = LogStream(on_line)
 
     def drain() -> None:
-        nonlocal seen, pending
+        nonlocal seen
         text = server.log()
         new, seen = text[seen:], len(text)
-        pending += new
-        *complete, pending = pending.split("\n")
-        for line in complete:
-            if STEP_LINE.search(line):
-                on_line(line.strip())
+        stream.feed(new)
 
     while True:
         drain()
@@ -426,7 +520,11 @@ def copy_images(files: list[Path], out: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- run
 
-def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(opts: RunOptions, echo: Callable[[str], None] = say) -> RunResult:
     """Run the workflow on the checkpoint through a ComfyUI server; write images, plot, rewards."""
     checkpoint = check_checkpoint(opts.checkpoint)
     api = load_workflow(opts.workflow)
@@ -451,6 +549,12 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
     prompt = apply_overrides(api, opts, checkpoint.name, image_name)
     cpu = use_cpu(opts.device)
 
+    custom_host = opts.comfyui is not None or bool(os.environ.get("COMFYUI_PATH"))
+    missing = missing_host_modules()
+    if missing and not custom_host:
+        raise ComfyRunError(f"--checkpoint runs a real ComfyUI server, which needs packages this Python "
+                            f"({sys.executable}) lacks: {', '.join(missing)}. The demo's requirements-demo.txt "
+                            f"covers only the shapes model; install the host's with:\n  {INSTALL_HINT}")
     harness = load_harness()
     host = resolve_host(harness, opts.comfyui)
     out = Path(opts.out)
@@ -460,11 +564,15 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
     dno = nodes_of(prompt, *DNO_NODES)
     settings = {k: v for k, v in (dno[0]["inputs"] if dno else {}).items() if not isinstance(v, list)}
     echo(f"ComfyUI host: {host}")
-    echo(f"workflow {opts.workflow} on {checkpoint.name} ({'CPU' if cpu else 'GPU'}); DNO settings: "
-         + ", ".join(f"{k}={settings[k]}" for k in ("opt_steps", "lr", "precision", "method") if k in settings))
+    shown = dict(settings)
+    if shown.get("precision") == "auto":
+        shown["precision"] = "auto (fp32 on the CPU)" if cpu else "auto (the model's dtype on the GPU)"
+    echo(f"workflow {opts.workflow} on {checkpoint.name} ({'CPU' if cpu else 'GPU'}); "
+         f"{describe_size(prompt)}; DNO settings: "
+         + ", ".join(f"{k}={shown[k]}" for k in ("opt_steps", "lr", "precision", "method") if k in shown))
     if cpu:
-        echo("note: no GPU in use; a full-size model at 512x512 with 50x20 steps takes hours on a CPU "
-             "(try --width 256 --height 256 --steps 10 --opt-steps 5).")
+        for note in cpu_notes(prompt, settings):
+            echo(note)
 
     started = time.monotonic()
     server = harness.ComfyServer(models=models, comfy_path=host, cpu=cpu,
@@ -473,13 +581,16 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
         try:
             server.start()
         except harness.ComfyHostError as err:
-            raise ComfyRunError(f"the ComfyUI server failed to start: {err}") from None
+            hint = (f"\n(a package is missing from this Python; for ComfyUI 0.3.75: {INSTALL_HINT}, "
+                    "else your ComfyUI's requirements.txt)" if "No module named" in str(err) else "")
+            raise ComfyRunError(f"the ComfyUI server failed to start: {err}{hint}") from None
         if server.custom_node_import_failed():
             raise ComfyRunError("ComfyUI could not import the DNO node pack; log tail:\n"
                                 + server.log_tail())
         if image_name is not None:
             shutil.copy2(Path(opts.image).expanduser(), server.input_dir / image_name)
-        echo(f"server up on {server.url}; queueing the workflow")
+        echo(f"server up on {server.url} (pid {server.proc.pid}, full log: {out / 'server.log'}); "
+             "queueing the workflow")
         mark = len(server.log())
         prompt_id = queue_whole(server, prompt)
         entry, log = follow(server, prompt_id, mark, opts.timeout, on_line=echo)
@@ -514,7 +625,14 @@ def run(opts: RunOptions, echo: Callable[[str], None] = print) -> RunResult:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 1 a clear error, 130 Ctrl-C)."""
-    opts = options_from(argv)
+    return run_cli(cli.parse(argv, prog="python3 -m demo.comfy_run", require_checkpoint=True))
+
+
+def run_cli(ns) -> int:
+    """Run parsed arguments (``demo.run_dno --checkpoint ...`` comes here); the exit status:
+    0 ok, 1 a clear error, 130 Ctrl-C, 128 + the signal for SIGTERM / SIGHUP."""
+    opts = options_of(ns)
+    previous = catch_stop_signals()
     try:
         run(opts)
     except ComfyRunError as err:
@@ -523,7 +641,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the server was stopped", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"{signal.Signals(stop.signum).name}: the server was stopped", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def catch_stop_signals() -> dict:
+    """SIGTERM and SIGHUP raise :class:`Stopped` in the main thread (their default would end the
+    process at once, leaving the server, which runs in its own session, behind). A second
+    signal while the server is being stopped is ignored. Returns the handlers it replaced."""
+    def stop(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {}
+    try:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, stop)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        pass
+    return previous
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class RunSummary:
 
 def dno_run(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, seeds: Sequence[int],
             gamma: float, steps: int, lr: float = 0.01, sampling_steps: int = 10, method: str = "auto",
-            q: int = 8, mu: float = 0.01, permutations: int = 0, k: int = 1,
+            q: int = 8, mu: float = 0.01, permutations: int = 0, k: int = 1, precision: str = "fp32",
             callback: Optional[Callable] = None) -> RunSummary:
     """Run DNO from one noise per seed (batched: seeds are independent problems)."""
     import time
@@ -75,7 +75,7 @@ def dno_run(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, see
     counting = CountingDenoiser(denoiser)
     regularizer = ProbabilityRegularizer(gamma=gamma, k=k, permutations=permutations) if gamma > 0 else None
     config = DNOConfig(steps=steps, lr=lr, method=method, q=q, mu=mu, checkpoint=False,
-                       estimator_batch=max(1, q // 2))
+                       estimator_batch=max(1, q // 2), precision=precision)
     curve: List[List[float]] = []
     first = {}
 

@@ -1,23 +1,25 @@
 """The demo's main job: DNO on the small shapes diffusion model, on the CPU, in about a minute.
 
-    python -m demo.run_dno                         # brightness, regularised, 4 samples
-    python -m demo.run_dno --gamma 0               # no regulariser: watch it reward-hack
-    python -m demo.run_dno --reward jpeg_incompressibility   # non-differentiable: hybrid estimator
-    python -m demo.run_dno --checkpoint model.safetensors    # the example workflow on a real ComfyUI host
+    python3 -m demo.run_dno                         # brightness, regularised, 8 samples
+    python3 -m demo.run_dno --gamma 0               # no regulariser: watch it reward-hack
+    python3 -m demo.run_dno --reward jpeg_incompressibility   # non-differentiable: hybrid estimator
+    python3 -m demo.run_dno --checkpoint model.safetensors    # the example workflow on a real ComfyUI host
 
 Writes ``<out>/before_after.png`` (top row unoptimised, bottom row optimised) and
 ``<out>/reward_curve.png`` (mean and per-sample reward per DNO step), and prints
-the reward and the in-distribution measures before and after.
+the reward and the in-distribution measures before and after. The flags (``--help``) are
+defined once for both modes in ``demo/cli.py``: ``--opt-steps`` is DNO updates and
+``--steps`` sampling steps, with or without ``--checkpoint``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Sequence
 
 import torch
 
+from demo import cli
 from demo.experiment import RunSummary, dno_run, make_reward
 
 # Settings that the acceptance test checks (tests/test_demo_alignment.py).
@@ -67,35 +69,35 @@ def describe(summary: RunSummary) -> str:
 
 
 def main(argv: Sequence[str] = None) -> RunSummary:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reward", default="brightness",
-                        help="brightness | darkness | saturation | contrast | jpeg_incompressibility | "
-                             "jpeg_compressibility")
-    parser.add_argument("--gamma", type=float, default=None, help="regulariser weight (0 = off)")
-    parser.add_argument("--steps", type=int, default=None, help="DNO updates")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="first seed; one sample per seed")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--sampling-steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error("--samples must be >= 1")
-    torch.set_num_threads(args.threads)
+    """The shapes-model run (``--checkpoint`` is handled by :func:`entry`)."""
+    args = cli.parse(argv)
+    if args.checkpoint is not None:
+        raise SystemExit("demo.run_dno.main runs the shapes model; use entry() (the command line) for --checkpoint")
+    args.reward = args.reward or "brightness"
+    torch.set_num_threads(args.threads or cli.SHAPES_THREADS)
+    samples = args.samples or cli.SHAPES_SAMPLES
+    sampling_steps = args.steps or cli.SHAPES_SAMPLING_STEPS
+    out = args.out or cli.SHAPES_OUT
+    precision = args.precision or "auto"
 
     from tqdm import tqdm
 
     from demo.model import load_denoiser
     from demo.realism import load_classifier
+    from dno.precision import module_dtype, resolve_precision
 
     settings = dict(DEFAULTS.get(args.reward, FALLBACK))
-    for key in ("gamma", "steps", "lr"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    for key, flag in (("gamma", "gamma"), ("steps", "opt_steps"), ("lr", "lr")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
     reward = make_reward(args.reward)
     denoiser, classifier = load_denoiser(), load_classifier()
-    seeds = list(range(args.seed, args.seed + args.samples))
+    first_seed = args.seed or 0
+    seeds = list(range(first_seed, first_seed + samples))
+    resolved = resolve_precision(precision, "cpu", module_dtype(denoiser))
+    print(f"DNO on the shapes model: reward {args.reward}, {settings['steps']} DNO steps x {sampling_steps} "
+          f"sampling steps, {samples} samples, gamma {settings['gamma']}, lr {settings['lr']}, "
+          f"precision {precision}{f' -> {resolved}' if precision == 'auto' else ''} (CPU)", flush=True)
 
     bar = tqdm(total=settings["steps"] + 1, desc=f"DNO {args.reward}", unit="step")
 
@@ -104,27 +106,27 @@ def main(argv: Sequence[str] = None) -> RunSummary:
         bar.update(1)
 
     summary = dno_run(denoiser, classifier, reward, seeds, gamma=settings["gamma"], steps=settings["steps"],
-                      lr=settings["lr"], sampling_steps=args.sampling_steps, q=settings["q"], mu=settings["mu"],
-                      permutations=8, callback=progress)
+                      lr=settings["lr"], sampling_steps=sampling_steps, q=settings["q"], mu=settings["mu"],
+                      permutations=8, precision=resolved, callback=progress)
     bar.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_grid(summary.images_before, summary.images_after, args.out / "before_after.png")
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(summary.images_before, summary.images_after, out / "before_after.png")
     title = f"{args.reward}, gamma={settings['gamma']}, lr={settings['lr']}, seeds {seeds[0]}..{seeds[-1]}"
-    save_curve(summary.reward_curve, args.out / "reward_curve.png", title)
+    save_curve(summary.reward_curve, out / "reward_curve.png", title)
     print(describe(summary))
-    print(f"realism = classifier probability of 'uncorrupted dataset image' (dataset ~0.78, model samples ~0.6-0.7); "
-          f"denoise err = the model's own x0 error on the image (lower = more in distribution)")
-    print(f"wrote {args.out / 'before_after.png'} (top: unoptimised, bottom: DNO) and {args.out / 'reward_curve.png'}")
+    print("realism = classifier probability of 'uncorrupted dataset image' (dataset ~0.78, model samples ~0.6-0.7); "
+          "denoise err = the model's own x0 error on the image (lower = more in distribution)")
+    print(f"wrote {out / 'before_after.png'} (top: unoptimised, bottom: DNO) and {out / 'reward_curve.png'}")
     return summary
 
 
 def entry(argv: Sequence[str] = None) -> int:
     """Command line: with ``--checkpoint`` the example workflow runs through a real ComfyUI
     host (``demo.comfy_run``), otherwise DNO runs on the embedded shapes model."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv):
+    args = cli.parse(argv)
+    if args.checkpoint is not None:
         from . import comfy_run
-        return comfy_run.main(argv)
+        return comfy_run.run_cli(args)
     main(argv)
     return 0
 

@@ -11,6 +11,7 @@ every case the best result found so far is kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .graphed import make_render
 from .memory import (DEFAULT_STORED_BYTES, GIB, MemoryPlan, activation_cost, default_budget_bytes,
                      plan_stored_steps)
 from .noise import DNONoise, TrainableNoise
-from .precision import autocast, check_precision, grad_scaler
+from .precision import AUTO, autocast, check_precision, grad_scaler, module_dtype, resolve_precision
 from .regularizer import ProbabilityRegularizer, RegularizerTerms
 from .sampling import Denoiser, as_sigma_list, denoise_step, sample, step_uses_noise
 from .schedule import VP, NoiseSchedule, get_schedule
@@ -39,7 +40,7 @@ class DNOConfig:
     steps: int = 20                       # optimisation updates (the run scores steps + 1 samples)
     lr: float = 0.01
     method: str = "auto"                  # auto: autograd if the reward is differentiable, else hybrid
-    precision: str = "fp32"               # fp32 | bf16 | fp16 (fp16 uses a grad scaler)
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (fp16 uses a grad scaler) | auto (resolve_precision)
     max_grad_norm: Optional[float] = 1.0  # per-sample gradient-norm clipping; None = off
     weight_decay: float = 0.0
     time_budget: Optional[float] = None   # seconds; the run stops before exceeding it
@@ -182,6 +183,9 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
     """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc."""
     config = config or DNOConfig()
     config.validate()
+    if config.precision == AUTO:    # fp32 on a CPU, the denoiser's dtype on a GPU
+        config = dataclasses.replace(config, precision=resolve_precision(
+            AUTO, noise.x_T.device, module_dtype(denoiser)))
     schedule = get_schedule(schedule)
     sig = as_sigma_list(sigmas)
     n = len(sig) - 1

@@ -22,10 +22,11 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, StopOptimization, optimize
 from ..dno.frozen import noise_only_backward
-from .host import (HostDenoiser, clone_inference_tensors, control_modules, host_step_noises,
+from ..dno.precision import AUTO, resolve_precision
+from .host import (clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
                    uses_torch_compile, vae_decoder)
-from .progress import RunReporter
+from .progress import RunReporter, WatchedDenoiser
 
 log = logging.getLogger("DNO")
 
@@ -98,9 +99,10 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 sig = sigmas.clone().float()
                 mask = None if denoise_mask is None else denoise_mask.clone()
                 steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
-                denoiser = HostDenoiser(model_wrap, sig, extra_args, x_T, latent, mask)
+                denoiser = WatchedDenoiser(reporter, model_wrap, sig, extra_args, x_T, latent, mask)
                 decode = vae_decoder(s.vae, base_model.process_latent_out)
-                config = graph_config(sampler_config(s.config, base_model), base_model)
+                config = graph_config(sampler_config(precision_config(s.config, base_model, x_T.device),
+                                                     base_model), base_model)
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
@@ -196,12 +198,29 @@ def graph_config(config: DNOConfig, base_model) -> DNOConfig:
     return dataclasses.replace(config, cuda_graphs=False)
 
 
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype the host model computes in: its manual-cast dtype, else its weights' dtype."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
+def precision_config(config: DNOConfig, base_model, device) -> DNOConfig:
+    """The run's config with precision "auto" resolved: fp32 on a CPU, on a GPU the dtype the
+    host model computes in (its manual-cast dtype, else its weights' dtype)."""
+    if config.precision != AUTO:
+        return config
+    computes = compute_dtype(base_model)
+    precision = resolve_precision(AUTO, device, computes)
+    log.info("DNO: precision auto -> %s (%s, model computes in %s)", precision, torch.device(device).type,
+             str(computes).replace("torch.", ""))
+    return dataclasses.replace(config, precision=precision)
+
+
 def sampler_config(config: DNOConfig, base_model) -> DNOConfig:
     """The run's config with autocast off for the sampler when the host model already computes
     in the requested low precision (its weights' dtype, or its manual-cast dtype): ComfyUI then
     runs it as in plain generation, and autocast would only add fp32 upcasts."""
     wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-    computes = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+    computes = compute_dtype(base_model)
     if wanted is None or computes != wanted:
         return config
     return dataclasses.replace(config, autocast_sampler=False)

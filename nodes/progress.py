@@ -1,8 +1,10 @@
 """Progress, previews, live chart messages and Cancel for a DNO run in ComfyUI."""
 from __future__ import annotations
 
+import bisect
 import logging
-from typing import Optional
+import time
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ import comfy.utils
 from comfy.cli_args import args
 
 from ..dno import StepInfo, StopOptimization
+from .host import HostDenoiser
 
 log = logging.getLogger("DNO")
 
@@ -48,16 +51,40 @@ class RunReporter:
     limits how often it is sent.
     """
 
+    # While one DNO step runs longer than this (a large model on a CPU), the log gets a line
+    # this often saying which sampling step the model is at, so a console shows progress.
+    heartbeat_every = 15.0
+
     def __init__(self, node_id: Optional[str], total_steps: int, preview_every: int = 1):
         self.node_id = None if node_id is None else str(node_id)
         self.total = int(total_steps) + 1
         self.preview_every = int(preview_every)
         self.pbar = comfy.utils.ProgressBar(self.total)
         self.last: Optional[StepInfo] = None
+        self.step_started = time.monotonic()
+        self.heartbeat_due = self.step_started + self.heartbeat_every
         send(PROGRESS_EVENT, {"node": self.node_id, "step": -1, "steps": int(total_steps), "reset": True})
+
+    def model_call(self, sigma, sigmas: Sequence[float]) -> None:
+        """Called before every model call of the render; logs the heartbeat when it is due."""
+        now = time.monotonic()
+        if now < self.heartbeat_due:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # no host reads while a CUDA graph is captured
+        self.heartbeat_due = now + self.heartbeat_every
+        value = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        # sigmas fall from sigmas[0] to sigmas[-1]; the call at sigmas[i] runs sampling step i + 1
+        descending = [-s for s in sigmas[:-1]]
+        index = min(max(bisect.bisect_left(descending, -value - 1e-6), 0), len(descending) - 1)
+        step = 0 if self.last is None else self.last.step + 1
+        log.info("DNO: step %d/%d in progress, model call at sampling step %d/%d, %.0f s into this step",
+                 step, self.total - 1, index + 1, len(descending), now - self.step_started)
 
     def __call__(self, info: StepInfo) -> None:
         self.last = info
+        self.step_started = time.monotonic()
+        self.heartbeat_due = self.step_started + self.heartbeat_every
         reward = info.reward.float().mean().item()
         best = info.best_reward.float().mean().item()
         probability = None if info.regularizer is None else info.regularizer.probability.float().mean().item()
@@ -88,3 +115,16 @@ class RunReporter:
                           "stop_reason": result.stop_reason,
                           "probability": None if not result.history or result.history[-1].probability is None
                           else float(np.mean(result.history[-1].probability))})
+
+
+class WatchedDenoiser(HostDenoiser):
+    """The host denoiser, telling the reporter about each model call (the in-step heartbeat)."""
+
+    def __init__(self, reporter: RunReporter, model_wrap, sigmas, *args):
+        super().__init__(model_wrap, sigmas, *args)
+        self.reporter = reporter
+        self.sigma_list = [float(s) for s in sigmas]
+
+    def __call__(self, x, sigma):
+        self.reporter.model_call(sigma, self.sigma_list)
+        return super().__call__(x, sigma)

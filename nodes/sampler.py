@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import comfy.samplers
 
@@ -12,7 +13,8 @@ from .rewards import require_prompt
 
 MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
 METHODS = ["auto", "autograd", "hybrid", "zeroth_order"]
-PRECISIONS = ["bf16", "fp16", "fp32"]
+# "auto" first: the default of new nodes; workflows saved with bf16/fp16/fp32 keep their choice.
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 MEMORY_MODES = {"auto": "auto", "low memory (recompute every step)": True,
                 "lowest memory (recompute blocks)": "blocks", "fastest (store every step)": False}
 
@@ -29,7 +31,9 @@ def optimisation_inputs():
         "lr": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 10.0, "step": 0.001}),
         "method": (METHODS, {"tooltip": "auto = exact gradients for differentiable rewards, "
                                         "hybrid estimator otherwise."}),
-        "precision": (PRECISIONS, {"tooltip": "Autocast precision of the differentiable pass."}),
+        "precision": (PRECISIONS, {"tooltip": "Autocast precision of the differentiable pass. auto: fp32 on "
+                                              "a CPU (bf16 there is many times slower), the model's own "
+                                              "dtype on a GPU."}),
         "time_budget": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 86400.0, "step": 1.0,
                                   "tooltip": "Seconds; 0 = no limit."}),
         "reward_prompt": ("STRING", {"default": "", "multiline": True,
@@ -84,6 +88,54 @@ def settings_from(vae, reward, sampler_mode, opt_steps, lr, method, precision, t
                           node_id=node_id)
 
 
+def ode_window_problem(sampler_mode, opt_window, steps=None, steps_from_sigmas=False) -> Optional[str]:
+    """Why ``sampler_mode`` ODE with this ``opt_window`` would optimise nothing, or None.
+
+    ODE sampling injects no per-step noise, so a window of the last ``opt_window`` steps holds
+    something to optimise only when it reaches x_T: ``opt_window`` 0 (all steps and x_T) or at
+    least the number of sampling steps (the same thing). ``steps_from_sigmas``: the sampler gets
+    its steps from a SIGMAS input (DNO Sampler), never known at validation; since a window of
+    every step is what opt_window 0 already says, any opt_window > 0 is refused there.
+
+    ``None`` where validation cannot decide: a value linked from another node (the node sees
+    None), e.g. a DNO KSampler whose steps come from a primitive node; the run checks it then.
+    """
+    if sampler_mode is None or opt_window is None or MODES.get(sampler_mode, 1.0) > 0 or opt_window <= 0:
+        return None
+    if steps is None and not steps_from_sigmas:
+        return None
+    fix = (f"Set opt_window to 0 (optimise every step and x_T) or sampler_mode to {list(MODES)[0]!r} "
+           "(SDE optimises the per-step noises in the window).")
+    if steps is not None:
+        if opt_window >= steps:
+            return None
+        return (f"sampler_mode {sampler_mode!r} with opt_window {opt_window} < steps {steps} optimises nothing: "
+                f"ODE sampling has no per-step noise, and a window of the last {opt_window} steps does not "
+                f"reach x_T. {fix}")
+    return (f"sampler_mode {sampler_mode!r} with opt_window {opt_window} optimises nothing: ODE sampling has "
+            "no per-step noise, so only a window reaching x_T (opt_window 0) has something to optimise; this "
+            "sampler's steps come from SamplerCustomAdvanced's SIGMAS, which validation cannot see, and a "
+            f"window of every step is opt_window 0. {fix}")
+
+
+def check_inputs(node_class, **values) -> Optional[str]:
+    """ComfyUI skips its own combo and min/max checks for the inputs a VALIDATE_INPUTS takes:
+    the same checks for those inputs (None = linked, not checked). A message, or None."""
+    types = node_class.INPUT_TYPES()
+    spec = {**types.get("required", {}), **types.get("optional", {})}
+    for name, value in values.items():
+        if value is None:
+            continue
+        kind, options = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+        if isinstance(kind, list) and value not in kind:
+            return f"{name}: {value!r} is not one of {kind}"
+        if "min" in options and value < options["min"]:
+            return f"{name}: {value} is smaller than the minimum {options['min']}"
+        if "max" in options and value > options["max"]:
+            return f"{name}: {value} is bigger than the maximum {options['max']}"
+    return None
+
+
 def history_json(result) -> str:
     if result is None:
         return "{}"
@@ -109,6 +161,13 @@ class DNOSampler:
     FUNCTION = "build"
     CATEGORY = "DNO"
     DESCRIPTION = "Direct Noise Optimization as a sampler for SamplerCustomAdvanced."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler_mode=None, opt_window=None):
+        """At prompt validation, before any model loads: ODE with a window is refused (the steps
+        are SamplerCustomAdvanced's, unknown here, so any opt_window > 0; see ode_window_problem)."""
+        return (check_inputs(cls, sampler_mode=sampler_mode, opt_window=opt_window)
+                or ode_window_problem(sampler_mode, opt_window, steps_from_sigmas=True) or True)
 
     def build(self, unique_id=None, **kwargs):
         return (DNOHostSampler(settings_from(node_id=unique_id, **kwargs)),)
@@ -138,6 +197,13 @@ class DNOKSampler:
     FUNCTION = "sample"
     CATEGORY = "DNO"
     DESCRIPTION = "KSampler that optimises its noise to maximise a reward (Direct Noise Optimization)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler_mode=None, opt_window=None, steps=None):
+        """At prompt validation, before any model loads: ODE with a window shorter than the
+        sampling steps is refused (see ode_window_problem)."""
+        return (check_inputs(cls, sampler_mode=sampler_mode, opt_window=opt_window, steps=steps)
+                or ode_window_problem(sampler_mode, opt_window, steps) or True)
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, scheduler, denoise,
                unique_id=None, **kwargs):

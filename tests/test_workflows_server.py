@@ -261,3 +261,33 @@ def test_bad_inputs_give_clear_node_errors(server):
     message = json.dumps(entry["status"]["messages"])
     assert "latent_image" in message and "16-channel" in message, message
     assert "expected input" not in message, message
+
+
+def test_ode_with_a_partial_window_is_refused_when_the_prompt_is_validated(server):
+    """Refused by /prompt (validation, before anything loads or runs), naming the node inputs."""
+    import sys
+    sys.path.insert(0, str(REPO))
+    from demo.comfy_run import describe_rejection
+
+    api = shrink(load_api("dno_txt2img_ksampler"))
+    for key in ("10", "11", "12"):  # else the valid plain branch still runs
+        api.pop(key)
+    api["7"]["inputs"].update(sampler_mode="ODE (eta=0)", opt_window=2)
+    mark = len(server.log())
+    with pytest.raises(ComfyHostError, match="rejected the workflow") as err:
+        server.queue(api)
+    shown = describe_rejection(str(err.value))
+    assert "opt_window 2 < steps 4" in shown and "sampler_mode 'ODE (eta=0)'" in shown, shown
+    assert shown.count("optimises nothing") == 1, shown  # ComfyUI lists it once per validated input
+    assert "DNO step" not in server.log()[mark:]
+    # the same with a window reaching x_T is valid and runs
+    api["7"]["inputs"]["opt_window"] = 4
+    entry, log = run(server, api)
+    assert len(rewards_from(log)) == 4
+    # DNO Sampler (SamplerCustomAdvanced): its steps are not known at validation
+    api = shrink(load_api("dno_sampler_custom_advanced"))
+    dno = next(k for k, v in api.items() if v["class_type"] == "DNOSampler")
+    api[dno]["inputs"].update(sampler_mode="ODE (eta=0)", opt_window=1)
+    with pytest.raises(ComfyHostError, match="opt_window") as err:
+        server.queue(api)
+    assert "SIGMAS" in describe_rejection(str(err.value))

@@ -1,0 +1,326 @@
+"""What a new user sees on the terminal: the demo command and its --checkpoint mode run as
+subprocesses, the way README's first command runs them."""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from demo import cli  # noqa: E402
+
+PYTHON = sys.executable
+
+
+def demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "demo.run_dno", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def help_of(text: str, flag: str) -> str:
+    """The help paragraph of ``flag`` in ``--help`` output, on one line."""
+    m = re.search(rf"^  {re.escape(flag)}\b(.*?)(?=^  -|^\S|\Z)", text, re.S | re.M)
+    assert m, f"{flag} is not in --help"
+    return " ".join(m.group(1).split())
+
+
+# --------------------------------------------------------------------------- one flag, one meaning
+
+def test_help_shows_both_modes_and_one_meaning_per_flag():
+    done = demo("--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for flag in ("--checkpoint", "--workflow", "--comfyui", "--width", "--height", "--prompt", "--negative",
+                 "--image", "--controlnet", "--device", "--timeout", "--opt-steps", "--steps", "--lr", "--seed",
+                 "--precision", "--reward", "--threads", "--out", "--gamma", "--samples"):
+        help_of(text, flag)
+    assert "DNO optimisation steps" in help_of(text, "--opt-steps")
+    steps = help_of(text, "--steps")
+    assert "sampling steps" in steps and "DNO" not in steps
+    assert "default 8" in help_of(text, "--samples") and "4 samples" not in text
+    assert "default auto: fp32 on a CPU" in help_of(text, "--precision")
+    assert "--sampling-steps" not in text
+    # demo.comfy_run is the same parser
+    other = subprocess.run([PYTHON, "-m", "demo.comfy_run", "--help"], cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+    assert other.returncode == 0 and help_of(other.stdout, "--steps") == steps
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--opt-steps", "0"], ["--opt-steps must be at least 1", "nothing to optimise or plot"]),
+    (["--steps", "0"], ["--steps must be at least 1"]),
+    (["--width", "256"], ["--width", "needs --checkpoint"]),
+    (["--checkpoint", "model.safetensors", "--gamma", "0"], ["--gamma", "shapes model only"]),
+    (["--sampling-steps", "4"], ["--sampling-steps is now --steps", "--opt-steps"]),
+    (["--reward", "hpsv2"], ["--reward 'hpsv2'", "brightness"]),
+])
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, args, words):
+    plot = tmp_path / "reward_curve.png"
+    plot.write_bytes(b"an earlier run's plot")
+    done = demo(*args, "--out", str(tmp_path), timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert all(w in done.stderr for w in words), done.stderr
+    assert plot.read_bytes() == b"an earlier run's plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reward_curve.png"]
+
+
+def test_shapes_demo_says_what_it_runs_and_writes_the_plots(tmp_path):
+    done = demo("--opt-steps", "2", "--steps", "4", "--samples", "2", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "2 DNO steps x 4 sampling steps, 2 samples" in out, out
+    assert "precision auto -> fp32 (CPU)" in out
+    # --steps is sampling steps here too: 3 renders (the start and 2 updates) x 4 steps
+    assert "(12 denoiser evals/image" in out, out
+    assert "DNO brightness" in done.stderr and "3/3" in done.stderr  # the progress bar
+    assert (tmp_path / "before_after.png").stat().st_size > 1000
+    assert (tmp_path / "reward_curve.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- the demo's own requirements
+
+def requirement_closure(names: list[str]) -> set[str]:
+    """Distributions that installing ``names`` brings in (from the installed metadata)."""
+    def norm(name):
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    seen, todo = set(), [norm(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(norm(req.name))
+    return seen
+
+
+def test_the_demo_imports_only_what_requirements_demo_installs(tmp_path):
+    """README's first command installs requirements-demo.txt only: every distribution the demo
+    imports (both reward kinds: autograd and the hybrid estimator) must come with it."""
+    script = (
+        "import importlib.metadata as md, json, sys\n"
+        "from demo.run_dno import main\n"
+        f"main(['--opt-steps', '1', '--steps', '2', '--samples', '1', '--out', {str(tmp_path)!r}])\n"
+        f"main(['--opt-steps', '1', '--steps', '2', '--samples', '1', '--reward', 'jpeg_incompressibility', "
+        f"'--out', {str(tmp_path)!r}])\n"
+        "tops = {m.split('.')[0] for m in sys.modules}\n"
+        "dists = md.packages_distributions()\n"
+        "print(json.dumps(sorted({d for t in tops for d in dists.get(t, [])})))\n")
+    done = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported = {re.sub(r"[-_.]+", "-", d).lower() for d in json.loads(done.stdout.strip().splitlines()[-1])}
+    listed = [Requirement(line).name for line in (REPO / "requirements-demo.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert "open-clip-torch" not in {n.lower() for n in listed} and "pytest" not in listed
+    missing = imported - requirement_closure(listed) - {"pip", "setuptools", "wheel"}
+    assert not missing, f"the demo imports {sorted(missing)}, which requirements-demo.txt does not install"
+
+
+def test_test_tools_are_pinned_to_versions_the_suite_ran_on():
+    specs = [Requirement(line) for line in (REPO / "requirements-test.txt").read_text().splitlines()
+             if line.strip() and not line.startswith(("#", "-r"))]
+    pytest_req = next(r for r in specs if r.name == "pytest")
+    assert any(s.operator in ("<", "<=", "==", "~=") for s in pytest_req.specifier), \
+        f"{pytest_req}: pin an upper bound, a new pytest changed monkeypatch's undo once"
+    assert pytest_req.specifier.contains(Version(pytest.__version__)), \
+        f"this run's pytest {pytest.__version__} is outside {pytest_req}"
+
+
+def test_log_stream_passes_what_a_user_needs_and_throttles_progress_bars():
+    from demo.comfy_run import LogStream
+
+    now, shown = [0.0], []
+    stream = LogStream(shown.append, every=5.0, clock=lambda: now[0])
+    stream.feed("got prompt\nsome host noise\nRequested to load BaseModel\n")
+    for i in range(11):                     # tqdm redraws with \r, one second apart
+        now[0] = float(i)
+        stream.feed(f"\r{i * 10}%|####| {i}/10 [00:{i:02d}<00:10,  1.00it/s]")
+    stream.feed("\r100%|####| 10/10 [00:10<00:00,  1.00it/s]\n")   # tqdm's closing repeat
+    stream.feed("DNO step 0/2  reward 0.1  best 0.1\nDNO: step 1/2 in progress, model call at sampling ")
+    assert shown[-1].startswith("DNO step 0/2")          # half a line waits for its end
+    stream.feed("step 3/10, 20 s into this step\nPrompt executed in 12.0 seconds\n")
+    assert shown == [
+        "ComfyUI: got prompt", "ComfyUI: Requested to load BaseModel",
+        "sampling 0%|####| 0/10 [00:00<00:10,  1.00it/s]",
+        "sampling 50%|####| 5/10 [00:05<00:10,  1.00it/s]",
+        "sampling 100%|####| 10/10 [00:10<00:10,  1.00it/s]",
+        "DNO step 0/2  reward 0.1  best 0.1",
+        "DNO: step 1/2 in progress, model call at sampling step 3/10, 20 s into this step",
+        "ComfyUI: Prompt executed in 12.0 seconds"], shown
+
+
+def test_checkpoint_mode_without_the_host_packages_says_what_to_install(tmp_path):
+    """With only requirements-demo.txt installed, --checkpoint names the missing packages and the
+    install command instead of failing inside the server (a package is hidden from the check)."""
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"not read: the check comes first")
+    script = ("import sys, demo.comfy_run as c\n"
+              "c.HOST_MODULES = c.HOST_MODULES + ('no_such_host_module',)\n"
+              "from demo.run_dno import entry\n"
+              f"sys.exit(entry(['--checkpoint', {str(ckpt)!r}, '--out', {str(tmp_path / 'out')!r}]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    done = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "no_such_host_module" in done.stderr and "pip install -r requirements-test.txt" in done.stderr
+    assert "requirements-demo.txt" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- --checkpoint mode
+
+class Terminal:
+    """A command's stdout and stderr, line by line with their arrival times, as a user sees them."""
+
+    def __init__(self, args: list[str]):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([PYTHON, "-m", "demo.run_dno", *args], cwd=REPO, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.lines: list[tuple[float, str, str]] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._ended = 0
+        for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
+            threading.Thread(target=self._read, args=(name, stream), daemon=True).start()
+
+    def _read(self, name, stream):
+        for line in stream:
+            self._queue.put((time.monotonic() - self.started, name, line.rstrip("\n")))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> tuple[float, str]:
+        """Read until a line matches ``pattern``; its (seconds since the start, text)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                self._ended += 1
+                if self._ended == 2:
+                    raise AssertionError(f"the command exited ({self.proc.wait()}) before a line matched "
+                                         f"{pattern!r}:\n" + self.text())
+                continue
+            self.lines.append(item)
+            if re.search(pattern, item[2]):
+                return item[0], item[2]
+        raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f}s:\n" + self.text())
+
+    def finish(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        time.sleep(0.2)
+        while not self._queue.empty():
+            item = self._queue.get()
+            if item is not None:
+                self.lines.append(item)
+        return code
+
+    def text(self, stream: str = None) -> str:
+        return "\n".join(line for _, name, line in self.lines if stream in (None, name))
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tiny_checkpoints import sd15_checkpoint
+    return sd15_checkpoint(tmp_path_factory.mktemp("ckpt"), vae="taesd", filename="tiny-sd15.safetensors")
+
+
+def hint_args() -> list[str]:
+    """The flags the CPU hint prints (demo/cli.py CPU_HINT), as a user would copy them."""
+    return [part for k, v in cli.CPU_HINT.items() for part in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@pytest.mark.server
+def test_checkpoint_mode_streams_loading_sampling_and_dno_steps(checkpoint, tmp_path):
+    term = Terminal(["--checkpoint", str(checkpoint), *hint_args(), "--out", str(tmp_path / "out")])
+    try:
+        settings_line = term.wait_for(r"^workflow ", 60)[1]
+        assert "256x256, 10 sampling steps x 5 DNO steps" in settings_line
+        assert "precision=auto (fp32 on the CPU)" in settings_line, settings_line
+        term.wait_for(r"queueing the workflow", 120)
+        term.wait_for(r"^ComfyUI: got prompt", 30)
+        first_step, _ = term.wait_for(r"^DNO step 0/5\s+reward", 120)
+        term.wait_for(r"^DNO step 5/5\s+reward", 300)
+        assert term.finish(timeout=300) == 0, term.text()
+    finally:
+        term.kill()
+    out = term.text("out")
+    print(out)
+    print(f"first DNO step line {first_step:.1f}s after the command started")
+    # the acceptance bound, with room for a loaded 2-core CI machine
+    assert first_step < 60, f"first DNO step line only after {first_step:.0f}s"
+    assert "DNO: precision auto -> fp32 (cpu" in out
+    assert "ComfyUI: Requested to load BaseModel" in out
+    bars = [line for line in out.splitlines() if line.startswith("sampling ")]
+    assert any("10/10" in line for line in bars), out      # the plain KSampler's progress bar
+    assert len(bars) < 10                                  # throttled, not every tqdm refresh
+    assert "note: no GPU in use" not in out                # the hint's own settings get no hint
+    assert out.index("DNO step 5/5") < out.index("done in")
+    assert (tmp_path / "out" / "rewards.json").is_file()
+
+
+def port_open(url: str) -> bool:
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.server
+def test_sigterm_stops_the_server_it_started(checkpoint, tmp_path):
+    # the workflow's own defaults: on a CPU the client prints the hint, and the run takes long
+    term = Terminal(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")])
+    try:
+        hint = term.wait_for(r"^note: no GPU in use", 60)[1]
+        assert " ".join(hint_args()) in hint
+        up = term.wait_for(r"server up on http://\S+ \(pid \d+", 120)[1]
+        url, pid = re.search(r"(http://[\d.:]+) \(pid (\d+)", up).groups()
+        pid = int(pid)
+        term.wait_for(r"^ComfyUI: got prompt", 30)
+        assert alive(pid) and port_open(url)
+        term.proc.send_signal(signal.SIGTERM)
+        code = term.finish(timeout=60)
+    finally:
+        term.kill()
+    assert code == 128 + signal.SIGTERM, term.text()
+    assert "SIGTERM: the server was stopped" in term.text("err")
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(pid), f"the ComfyUI server (pid {pid}) outlived its client"
+    assert not port_open(url)
+    assert (tmp_path / "out" / "server.log").is_file()

@@ -175,14 +175,19 @@ def test_cancel_returns_best_latent_promptly(server):
     assert image_of(server, entry, "cancelled").shape == (64, 64, 3)
 
 
-def queue_until(server, api, text, timeout=120):
-    """Queue ``api``; return (prompt id, log mark) once ``text`` appears in the server log."""
-    mark = len(server.log())
-    pid = server.queue(api)
+def wait_for_log(server, mark, text, timeout=120):
+    """Return once ``text`` appears in the server log after position ``mark``."""
     deadline = time.monotonic() + timeout
     while text not in server.log()[mark:]:
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.02)
+
+
+def queue_until(server, api, text, timeout=120):
+    """Queue ``api``; return (prompt id, log mark) once ``text`` appears in the server log."""
+    mark = len(server.log())
+    pid = server.queue(api)
+    wait_for_log(server, mark, text, timeout)
     return pid, mark
 
 
@@ -218,10 +223,7 @@ def test_cancelling_twice_stops_the_nodes_after_dno(server):
     api["10"]["inputs"].update(latent_image=["20", 0], steps=3000)
     pid, mark = queue_until(server, api, "DNO step 2/400")
     server.interrupt()
-    deadline = time.monotonic() + 60
-    while "DNO finished" not in server.log()[mark:]:
-        assert time.monotonic() < deadline, server.log_tail()
-        time.sleep(0.02)
+    wait_for_log(server, mark, "DNO finished", timeout=60)
     time.sleep(0.5)                                           # into the plain KSampler's 3000 steps
     server.interrupt()
     entry = server.wait(pid, timeout=120)

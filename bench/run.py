@@ -110,7 +110,8 @@ def plain_generation(bench, steps: int, seed: int, device, repeats: int) -> dict
 
 
 def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, seed: int, device,
-            profile_to: str = None, cuda_graphs: bool = True, keep_latent: bool = False) -> dict:
+            profile_to: str = None, cuda_graphs: bool = True, keep_latent: bool = False,
+            snapshot_to: str = "") -> dict:
     """One DNO run through the node pack's KSampler path; step times from its history."""
     engine = sys.modules[pack.__name__ + ".nodes.engine"]
     dno = sys.modules[pack.__name__ + ".dno"]
@@ -133,6 +134,9 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
         from torch.profiler import ProfilerActivity, profile
         profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
         profiler.__enter__()
+    if snapshot_to and cuda:
+        import peak_breakdown
+        peak_breakdown.start_recording(device)
     sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -143,6 +147,14 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
     if profiler is not None:
         profiler.__exit__(None, None, None)
         write_profile(profiler, profile_to, wall, cuda)
+    if snapshot_to and cuda:
+        snapshot = torch.cuda.memory._snapshot()
+        peak_breakdown.stop_recording(device)
+        text = peak_breakdown.breakdown(snapshot, before, torch.device(device).index or 0)
+        del snapshot
+        with open(snapshot_to, "a") as f:
+            f.write(f"== {precision}:{mode} graphs={cuda_graphs}\n{text}\n")
+        print(text, flush=True)
     result = sampler.result
     peak = torch.cuda.max_memory_allocated(device) if cuda else 0
     peak_reserved = torch.cuda.max_memory_reserved(device) if cuda else 0
@@ -283,6 +295,9 @@ def main(argv=None) -> None:
                     help="compile the UNet the way ComfyUI's TorchCompileModel node does "
                          "(set_torch_compile_wrapper; inductor, cudagraphs, aot_eager...), "
                          "for the plain generation and DNO alike")
+    ap.add_argument("--memory-snapshot", default="", metavar="PATH",
+                    help="record every allocation of each DNO run and append what is allocated at its peak, "
+                         "by allocating code, to PATH (bench/peak_breakdown.py)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
@@ -331,7 +346,7 @@ def main(argv=None) -> None:
                             args.profile_out, cuda_graphs=graphs)
                     continue
                 record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
-                                 cuda_graphs=graphs, keep_latent=args.compare)
+                                 cuda_graphs=graphs, keep_latent=args.compare, snapshot_to=args.memory_snapshot)
                 if args.compare:
                     other = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
                                     cuda_graphs=not graphs, keep_latent=True)

@@ -15,8 +15,9 @@ The budget is a cap on the memory the framework allocates on the device (what
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -46,8 +47,13 @@ class MemoryPlan:
     # gradients and temporaries) and for what the optimisation allocates later (noise gradients,
     # optimiser moments)
     reserve_bytes: int = 0
+    # why the plan is what it is, when the measurement itself decided it (see measure_within)
+    note: str = ""
 
     def describe(self) -> str:
+        if self.note:
+            return (f"block checkpointing for every step ({self.note}); {self.in_use_bytes / GIB:.2f} GiB "
+                    f"in use, budget {self.budget_bytes / GIB:.2f} GiB")
         return (f"store {self.stored_steps} steps of {self.step_bytes / GIB:.2f} GiB, "
                 f"{'block' if self.block_checkpointing else 'step'} checkpointing for the rest; "
                 f"{self.in_use_bytes / GIB:.2f} GiB in use, {self.reserve_bytes / GIB:.2f} GiB held back for "
@@ -116,3 +122,44 @@ def activation_cost(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     working = torch.cuda.max_memory_allocated(x.device) - before
     del out, leaf
     return max(0, int(kept)), max(0, int(working))
+
+
+@contextlib.contextmanager
+def allocation_cap(device: torch.device, cap_bytes: Optional[int]) -> Iterator[None]:
+    """While active, the caching allocator reserves at most ``cap_bytes`` on ``device``: past it an
+    allocation raises ``torch.cuda.OutOfMemoryError`` (after the allocator has freed its cache), as
+    on a card of that size. A no-op off CUDA, without a cap, or where torch cannot read the
+    process's memory fraction back to restore it."""
+    device = torch.device(device)
+    if (cap_bytes is None or device.type != "cuda"
+            or not hasattr(torch.cuda, "get_per_process_memory_fraction")):
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    previous = torch.cuda.get_per_process_memory_fraction(device)
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(previous, int(cap_bytes) / total)), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
+def measure_within(budget_bytes: Optional[int], device: torch.device,
+                   measure: Callable[[], Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
+    """``measure()`` with the device capped at ``budget_bytes``; None if it did not fit.
+
+    Measuring a stored step means running one with all its activations, which on a small card
+    (or under a user's budget) is itself what does not fit: measured under the cap, a step that
+    cannot be stored runs out of memory here, cleanly, instead of overshooting the budget or
+    failing the run.
+    """
+    device = torch.device(device)
+    failed = False
+    try:
+        with allocation_cap(device, budget_bytes):
+            return tuple(measure())
+    except torch.cuda.OutOfMemoryError:
+        failed = True       # leave the except block first: its traceback holds the step's tensors
+    if failed and device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,12 +25,15 @@ from .frozen import noise_only_backward
 from .gradients import hybrid_gradient, zeroth_order_gradient
 from .graphed import make_render
 from .memory import (DEFAULT_STORED_BYTES, GIB, MemoryPlan, activation_cost, default_budget_bytes,
+                     measure_within,
                      plan_stored_steps)
 from .noise import DNONoise, TrainableNoise
 from .precision import AUTO, autocast, check_precision, grad_scaler, module_dtype, resolve_precision
 from .regularizer import ProbabilityRegularizer, RegularizerTerms
 from .sampling import Denoiser, as_sigma_list, denoise_step, sample, step_uses_noise
 from .schedule import VP, NoiseSchedule, get_schedule
+
+log = logging.getLogger("DNO")
 
 METHODS = ("auto", "autograd", "hybrid", "zeroth_order")
 CHECKPOINT_MODES = ("auto", "blocks")
@@ -409,6 +413,8 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
                  trainable: List[torch.Tensor]) -> Optional[MemoryPlan]:
     """Measure one step's and one decode's activations on the device and plan the storage.
 
+    The measurement runs under the budget (``measure_within``): where one step with all its
+    activations does not fit, the plan is block checkpointing, measured the same way.
     Off CUDA there is no allocator counter to read: None (recompute every step).
     """
     device = noise.x_T.device
@@ -420,16 +426,39 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     z = None if noise.steps is None else noise.steps[first].detach()
     with torch.no_grad():
         x = schedule.start(sig[0], noise.x_T.detach(), latent, full_denoise)
-    with autocast(config.sampler_precision, device):
-        step, step_working = activation_cost(lambda v: denoise_step(denoiser, schedule, eta, sig[first],
-                                                                    sig[first + 1], v, z), x)
-        decoded, decode_working = activation_cost(decode, x)
-    can_blocks = bool(segments_of(denoiser) or segments_of(decode))
+
+    def measure():
+        with autocast(config.sampler_precision, device):
+            step, step_working = activation_cost(lambda v: denoise_step(denoiser, schedule, eta, sig[first],
+                                                                        sig[first + 1], v, z), x)
+            decoded, decode_working = activation_cost(decode, x)
+        return step, step_working, decoded, decode_working
+
+    segments = segments_of(denoiser) + segments_of(decode)
+    in_use = torch.cuda.memory_allocated(device)
     # allocated once the loop runs: a gradient and AdamW's two moments per optimised noise tensor
     state = 3 * sum(t.numel() * t.element_size() for t in trainable)
+    measured = measure_within(budget, device, measure)
+    if measured is None:
+        blocked = None
+        if segments:
+            with checkpointed_blocks(segments):
+                blocked = measure_within(budget, device, measure)
+        if blocked is None:
+            raise torch.cuda.OutOfMemoryError(
+                f"one sampling step and its backward pass do not fit the memory budget of {budget / GIB:.2f} GiB "
+                f"({in_use / GIB:.2f} GiB already in use)" + ("" if segments else " and this model offers no "
+                                                               "blocks to checkpoint"))
+        step, step_working, decoded, decode_working = blocked
+        reserve = max(step_working, decode_working) + state
+        log.info("DNO: one step with all its activations does not fit the budget of %.2f GiB: block "
+                 "checkpointing (measured %.2f GiB for a step's backward)", budget / GIB, reserve / GIB)
+        return MemoryPlan(0, True, step, decoded, in_use, budget, reserve,
+                          note="a step with all its activations does not fit the budget")
+    step, step_working, decoded, decode_working = measured
     # without a budget from the user, stored steps are capped where they stop paying (memory.py)
     cap = None if config.memory_budget_gb is not None else DEFAULT_STORED_BYTES
-    return plan_stored_steps(budget, torch.cuda.memory_allocated(device), step, decoded, window, can_blocks,
+    return plan_stored_steps(budget, in_use, step, decoded, window, bool(segments),
                              working_bytes=max(step_working, decode_working), state_bytes=state,
                              max_stored_bytes=cap)
 

@@ -12,7 +12,7 @@ import torch
 
 from dno import DNOConfig, DNOError, DNONoise, ProbabilityRegularizer, VP, optimize, sample
 from dno.checkpointing import checkpointed_blocks
-from dno.memory import GIB, plan_stored_steps
+from dno.memory import GIB, measure_within, plan_stored_steps
 
 from bench_runner import tiny_bench_records
 from toy_models import BlockDenoiser, Brightness, block_decode as decode, block_noise as noise_for, vp_sigmas
@@ -48,6 +48,15 @@ def test_plan_falls_back_to_block_checkpointing_only_when_nothing_fits():
     assert (just.stored_steps, just.block_checkpointing) == (0, False)     # recomputation fits
     roomy = plan_stored_steps(6 * GIB, 2 * GIB, GIB, 0, window=50, can_checkpoint_blocks=True)
     assert (roomy.stored_steps, roomy.block_checkpointing) == (1, False)
+
+
+def test_a_measurement_that_runs_out_of_memory_reads_as_does_not_fit():
+    def too_big():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.36 GiB")
+    assert measure_within(GIB, torch.device("cpu"), too_big) is None
+    assert measure_within(GIB, torch.device("cpu"), lambda: (1, 2)) == (1, 2)
+    with pytest.raises(RuntimeError, match="other"):       # only running out of memory means "does not fit"
+        measure_within(GIB, torch.device("cpu"), lambda: (_ for _ in ()).throw(RuntimeError("other")))
 
 
 @pytest.mark.parametrize("bad", ["fast", -1, 1.5])
@@ -175,6 +184,39 @@ def test_cuda_budget_caps_the_stored_steps_and_the_peak():
 
 
 @pytest.mark.gpu
+def test_a_budget_below_one_stored_step_plans_blocks_and_is_kept():
+    """Measuring a step with all its activations would itself overshoot a small budget: the
+    planner measures under the budget and, when that runs out, plans block checkpointing."""
+    device = torch.device("cuda")
+    sigmas = vp_sigmas(8)
+    den = BlockDenoiser(hidden=64, depth=6).to(device)
+    nz = DNONoise.from_seed((2, 4, 256, 256), 8, seed=0, sde=True, device=device)
+
+    def run(**config):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        res = optimize(den, sigmas, Brightness(), decode, nz, VP, 1.0,
+                       config=DNOConfig(steps=1, cuda_graphs=False, **config))
+        return res, torch.cuda.max_memory_allocated(device)
+
+    run(checkpoint=True)                                   # library workspaces, as above
+    full, full_peak = run(checkpoint="auto")
+    in_use, step_working = full.memory_plan.in_use_bytes, full.memory_plan.reserve_bytes
+    blocks, blocks_peak = run(checkpoint="blocks")
+    # the toy's blocks must save memory for the test to say anything
+    assert blocks_peak < in_use + step_working * 3 // 4, (blocks_peak, in_use, step_working)
+    budget = (blocks_peak + in_use + step_working * 3 // 4) // 2
+    capped, capped_peak = run(checkpoint="auto", memory_budget_gb=budget / GIB)
+    plan = capped.memory_plan
+    assert plan.block_checkpointing and plan.stored_steps == 0 and "does not fit" in plan.describe(), plan
+    assert capped_peak <= budget, (capped_peak, budget)
+    torch.testing.assert_close(capped.noise.x_T, blocks.noise.x_T, rtol=0, atol=2 * DNOConfig().lr + 1e-5)
+    # the cap was only for the measurement: the process's memory fraction is back
+    assert torch.cuda.get_per_process_memory_fraction(device) == 1.0
+
+
+@pytest.mark.gpu
 def test_comfyui_path_on_cuda_through_the_benchmark(tmp_path):
     """The node pack's KSampler path on CUDA with ComfyUI's own SD1.5/SDXL classes (tiny UNets)."""
     records = tiny_bench_records(tmp_path / "bench.jsonl", "bf16:auto,fp16:step,bf16:blocks,fp32:auto")
@@ -202,3 +244,22 @@ def test_weights_get_no_gradient_and_keep_their_flags():
     assert all(p.grad is None for p in den.parameters())
     assert not den.blocks[0].weight.requires_grad
     assert all(p.requires_grad for name, p in den.named_parameters() if name != "blocks.0.weight")
+
+
+def test_peak_breakdown_finds_the_peak_and_what_is_alive_then():
+    from bench import peak_breakdown
+    act = [{"filename": "/x/comfy/ldm/modules/diffusionmodules/model.py", "line": 7, "name": "forward"}]
+    ws = [{"filename": "/x/torch/autograd/graph.py", "line": 9, "name": "_engine_run_backward"}]
+    trace = [{"action": "free_requested", "addr": 99, "size": 5},          # allocated before: ignored
+             {"action": "alloc", "addr": 1, "size": 100, "frames": act},
+             {"action": "alloc", "addr": 2, "size": 50, "frames": ws},
+             {"action": "free_requested", "addr": 2, "size": 50},
+             {"action": "alloc", "addr": 3, "size": 120, "frames": ws},     # peak: 1 and 3 alive
+             {"action": "free_requested", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 4, "size": 90, "frames": act}]
+    peak, _, alive = peak_breakdown.peak_blocks(trace)
+    assert peak == 220 and sorted(alive) == [1, 3]
+    text = peak_breakdown.breakdown({"device_traces": [trace]}, baseline_bytes=1000)
+    first, *rows = text.splitlines()
+    assert first.startswith("peak 0 MiB") and "2 blocks" in first
+    assert "torch/autograd/graph.py:9" in rows[0] and "comfy/ldm/modules/diffusionmodules/model.py:7" in rows[1]

@@ -2,9 +2,10 @@
 # Issue 12 on one H200, one device call per part (each fits 10 minutes):
 #   run(command="DNO_COMMIT=<sha> bash bench/gpu_graphs.sh sd15", carry=[".cache/comfyui", ".whl"])
 # Parts: tests (GPU tests of the graph path + the memory tests), sd15, sdxl, sdxl-more, explore, curve,
-# peak (what SD1.5's lowest-memory peak is made of), budgets (SDXL under small budgets).
+# peak (what SD1.5's lowest-memory peak is made of), budgets (SDXL under small budgets),
+# layout (SDXL 1024² DNO with channels-last weights against the default layout, one process).
 set -euo pipefail
-part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|sdxl-more|explore|curve|peak|budgets}
+part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -28,6 +29,7 @@ case "$part" in
         bench --model sd15 --steps 10 --configs bf16:blocks@2 --plain-repeats 1 --memory-snapshot "$out/peak-sd15-blocks.txt"
         bench --model sd15 --configs bf16:blocks@3 --plain-repeats 2 ;;
   budgets) bench --model sdxl --configs bf16:auto=8@3,bf16:auto=12@3 --plain-repeats 1 ;;
+  layout) bench --model sdxl --configs bf16:auto@3,bf16:auto@3/cl --plain-repeats 2 ;;
   curve) bench --model sdxl --configs bf16:blocks@3,bf16:auto=8@3,bf16:auto=12@3,bf16:auto=16@3,bf16:auto=24@3,bf16:auto=48@3 --plain-repeats 1 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

@@ -216,6 +216,12 @@ def compare_runs(graphed: dict, eager: dict) -> dict:
                         if graphed.get("dno_step_s") and eager.get("dno_step_s") else None)}
 
 
+def memory_format(bench, layout) -> None:
+    """UNet and VAE weights in ``layout`` (channels-last: cuDNN's Hopper kernels take NHWC)."""
+    bench.model.model.diffusion_model.to(memory_format=layout)
+    bench.vae.first_stage_model.to(memory_format=layout)
+
+
 def git_commit() -> str:
     """The benchmarked commit (with '+dirty' when the tree differs from it)."""
     import subprocess
@@ -266,8 +272,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("sd15", "sdxl"), required=True)
     ap.add_argument("--configs", default="bf16:auto,fp16:auto,fp32:auto,bf16:step,fp16:step",
-                    help="comma-separated precision:mode[@updates][/eager] (modes: auto, auto=<GiB>, step, "
-                         "blocks, store; /eager turns the CUDA-graph render off)")
+                    help="comma-separated precision:mode[@updates][/eager][/cl] (modes: auto, auto=<GiB>, step, "
+                         "blocks, store; /eager turns the CUDA-graph render off; /cl runs that DNO run, not the "
+                         "plain generation, with channels-last weights: an A/B in one process)")
     ap.add_argument("--compare", action="store_true",
                     help="run every configuration twice in this process, CUDA graphs on and off, and compare "
                          "the trajectories (the A/B of dno/graphed.py)")
@@ -320,8 +327,7 @@ def main(argv=None) -> None:
     for precision in dict.fromkeys([p for p, _ in configs] + profiled):
         bench = build(args.model, precision, device, tiny=args.tiny, resolution=args.resolution)
         if args.channels_last:     # NHWC weights: cuDNN's Hopper kernels need no layout conversion
-            bench.model.model.diffusion_model.to(memory_format=torch.channels_last)
-            bench.vae.first_stage_model.to(memory_format=torch.channels_last)
+            memory_format(bench, torch.channels_last)
         if args.compile:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
             set_torch_compile_wrapper(model=bench.model, backend=args.compile)
@@ -335,6 +341,8 @@ def main(argv=None) -> None:
             if profiling:
                 mode = args.profile.split(":", 1)[1]
             opt_steps = args.opt_steps_fp32 if precision == "fp32" else args.opt_steps
+            channels_last = mode.endswith("/cl")
+            mode = mode[:-len("/cl")] if channels_last else mode
             graphs = not mode.endswith("/eager")
             mode = mode[:-len("/eager")] if not graphs else mode
             if "@" in mode:        # precision:mode@updates overrides the number of updates
@@ -345,8 +353,16 @@ def main(argv=None) -> None:
                     dno_run(pack, bench, precision, mode, args.profile_steps, 2, args.seed, device,
                             args.profile_out, cuda_graphs=graphs)
                     continue
-                record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
-                                 cuda_graphs=graphs, keep_latent=args.compare, snapshot_to=args.memory_snapshot)
+                if channels_last:
+                    memory_format(bench, torch.channels_last)
+                try:
+                    record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
+                                     cuda_graphs=graphs, keep_latent=args.compare,
+                                     snapshot_to=args.memory_snapshot)
+                finally:
+                    if channels_last:
+                        memory_format(bench, torch.contiguous_format)
+                record["dno_channels_last"] = channels_last
                 if args.compare:
                     other = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
                                     cuda_graphs=not graphs, keep_latent=True)

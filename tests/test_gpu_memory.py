@@ -15,7 +15,8 @@ from dno.checkpointing import checkpointed_blocks
 from dno.memory import GIB, measure_within, plan_stored_steps
 
 from bench_runner import tiny_bench_records
-from toy_models import BlockDenoiser, Brightness, block_decode as decode, block_noise as noise_for, vp_sigmas
+from toy_models import (BlockDenoiser, Brightness, DeepBlockDenoiser, block_decode as decode, block_noise as noise_for,
+                        vp_sigmas)
 
 
 # --------------------------------------------------------------------------- planner (CPU)
@@ -189,7 +190,7 @@ def test_a_budget_below_one_stored_step_plans_blocks_and_is_kept():
     planner measures under the budget and, when that runs out, plans block checkpointing."""
     device = torch.device("cuda")
     sigmas = vp_sigmas(8)
-    den = BlockDenoiser(hidden=64, depth=6).to(device)
+    den = DeepBlockDenoiser(hidden=64, depth=4).to(device)
     nz = DNONoise.from_seed((2, 4, 256, 256), 8, seed=0, sde=True, device=device)
 
     def run(**config):

@@ -154,6 +154,32 @@ class BlockDenoiser(nn.Module):
         return x - s * h
 
 
+class DeepBlockDenoiser(nn.Module):
+    """An EPS denoiser of residual blocks of three convolutions each, offered for block
+    checkpointing: a checkpointed block keeps its input instead of its three saved activations,
+    as a real UNet's resnet blocks do, so block checkpointing saves memory here."""
+
+    def __init__(self, channels=4, hidden=32, depth=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1)
+        self.inp, self.out = conv(channels, hidden), conv(hidden, channels)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(conv(hidden, hidden), nn.Tanh(), conv(hidden, hidden), nn.Tanh(),
+                          conv(hidden, hidden), nn.Tanh()) for _ in range(depth))
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        self.checkpoint_segments = list(self.blocks)
+
+    def forward(self, x, sigma):
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        h = self.inp(x / torch.sqrt(s * s + 1))
+        for block in self.blocks:
+            h = h + block(h)
+        return x - s * self.out(h)
+
+
 def block_decode(z):
     return torch.sigmoid(z[:, :3])
 

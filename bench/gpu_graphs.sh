@@ -5,7 +5,7 @@
 # peak (what SD1.5's lowest-memory peak is made of), budgets (SDXL under small budgets),
 # layout (SDXL 1024² DNO with channels-last weights against the default layout, one process).
 set -euo pipefail
-part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout}
+part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout|layout-sd15}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -30,6 +30,7 @@ case "$part" in
         bench --model sd15 --configs bf16:blocks@3 --plain-repeats 2 ;;
   budgets) bench --model sdxl --configs bf16:auto=8@3,bf16:auto=12@3 --plain-repeats 1 ;;
   layout) bench --model sdxl --configs bf16:auto@3,bf16:auto@3/cl --plain-repeats 2 ;;
+  layout-sd15) bench --model sd15 --configs bf16:auto@4,bf16:auto@4/cl,bf16:blocks@3/cl --plain-repeats 3 ;;
   curve) bench --model sdxl --configs bf16:blocks@3,bf16:auto=8@3,bf16:auto=12@3,bf16:auto=16@3,bf16:auto=24@3,bf16:auto=48@3 --plain-repeats 1 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

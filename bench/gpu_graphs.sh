@@ -29,8 +29,8 @@ case "$part" in
         bench --model sd15 --steps 10 --configs bf16:blocks@2 --plain-repeats 1 --memory-snapshot "$out/peak-sd15-blocks.txt"
         bench --model sd15 --configs bf16:blocks@3 --plain-repeats 2 ;;
   budgets) bench --model sdxl --configs bf16:auto=8@3,bf16:auto=12@3 --plain-repeats 1 ;;
-  layout) bench --model sdxl --configs bf16:auto@3,bf16:auto@3/cl --plain-repeats 2 ;;
-  layout-sd15) bench --model sd15 --configs bf16:auto@4,bf16:auto@4/cl,bf16:blocks@3/cl --plain-repeats 3 ;;
+  layout) bench --model sdxl --configs bf16:auto@3,bf16:auto@3/nchw,bf16:auto=8@2 --plain-repeats 2 ;;
+  layout-sd15) bench --model sd15 --configs bf16:auto@4,bf16:auto@4/nchw,bf16:blocks@3 --plain-repeats 3 ;;
   curve) bench --model sdxl --configs bf16:blocks@3,bf16:auto=8@3,bf16:auto=12@3,bf16:auto=16@3,bf16:auto=24@3,bf16:auto=48@3 --plain-repeats 1 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac

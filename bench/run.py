@@ -222,6 +222,11 @@ def memory_format(bench, layout) -> None:
     bench.vae.first_stage_model.to(memory_format=layout)
 
 
+def engine_layout(pack, device) -> bool:
+    """Whether the pack ran that DNO run with channels-last convolution weights."""
+    return bool(sys.modules[pack.__name__ + ".nodes.engine"].channels_last_wanted(device))
+
+
 def git_commit() -> str:
     """The benchmarked commit (with '+dirty' when the tree differs from it)."""
     import subprocess
@@ -272,9 +277,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("sd15", "sdxl"), required=True)
     ap.add_argument("--configs", default="bf16:auto,fp16:auto,fp32:auto,bf16:step,fp16:step",
-                    help="comma-separated precision:mode[@updates][/eager][/cl] (modes: auto, auto=<GiB>, step, "
-                         "blocks, store; /eager turns the CUDA-graph render off; /cl runs that DNO run, not the "
-                         "plain generation, with channels-last weights: an A/B in one process)")
+                    help="comma-separated precision:mode[@updates][/eager][/nchw] (modes: auto, auto=<GiB>, step, "
+                         "blocks, store; /eager turns the CUDA-graph render off; /nchw keeps the weights' NCHW "
+                         "layout for that DNO run (DNO_CHANNELS_LAST=0): an A/B of dno/layout.py in one process)")
     ap.add_argument("--compare", action="store_true",
                     help="run every configuration twice in this process, CUDA graphs on and off, and compare "
                          "the trajectories (the A/B of dno/graphed.py)")
@@ -341,8 +346,8 @@ def main(argv=None) -> None:
             if profiling:
                 mode = args.profile.split(":", 1)[1]
             opt_steps = args.opt_steps_fp32 if precision == "fp32" else args.opt_steps
-            channels_last = mode.endswith("/cl")
-            mode = mode[:-len("/cl")] if channels_last else mode
+            nchw = mode.endswith("/nchw")
+            mode = mode[:-len("/nchw")] if nchw else mode
             graphs = not mode.endswith("/eager")
             mode = mode[:-len("/eager")] if not graphs else mode
             if "@" in mode:        # precision:mode@updates overrides the number of updates
@@ -353,16 +358,11 @@ def main(argv=None) -> None:
                     dno_run(pack, bench, precision, mode, args.profile_steps, 2, args.seed, device,
                             args.profile_out, cuda_graphs=graphs)
                     continue
-                if channels_last:
-                    memory_format(bench, torch.channels_last)
-                try:
-                    record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
-                                     cuda_graphs=graphs, keep_latent=args.compare,
-                                     snapshot_to=args.memory_snapshot)
-                finally:
-                    if channels_last:
-                        memory_format(bench, torch.contiguous_format)
-                record["dno_channels_last"] = channels_last
+                # the pack's own choice of layout (nodes/engine.py), or NCHW for an A/B
+                os.environ["DNO_CHANNELS_LAST"] = "0" if nchw else os.environ.get("BENCH_CHANNELS_LAST", "1")
+                record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
+                                 cuda_graphs=graphs, keep_latent=args.compare, snapshot_to=args.memory_snapshot)
+                record["dno_channels_last"] = engine_layout(pack, device)
                 if args.compare:
                     other = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
                                     cuda_graphs=not graphs, keep_latent=True)

@@ -52,8 +52,8 @@ class MemoryPlan:
 
     def describe(self) -> str:
         if self.note:
-            return (f"block checkpointing for every step ({self.note}); {self.in_use_bytes / GIB:.2f} GiB "
-                    f"in use, budget {self.budget_bytes / GIB:.2f} GiB")
+            return (f"{self.note}; {self.in_use_bytes / GIB:.2f} GiB in use, budget "
+                    f"{self.budget_bytes / GIB:.2f} GiB")
         return (f"store {self.stored_steps} steps of {self.step_bytes / GIB:.2f} GiB, "
                 f"{'block' if self.block_checkpointing else 'step'} checkpointing for the rest; "
                 f"{self.in_use_bytes / GIB:.2f} GiB in use, {self.reserve_bytes / GIB:.2f} GiB held back for "
@@ -135,6 +135,8 @@ def allocation_cap(device: torch.device, cap_bytes: Optional[int]) -> Iterator[N
             or not hasattr(torch.cuda, "get_per_process_memory_fraction")):
         yield
         return
+    if device.index is None:        # the fraction calls want an index
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     previous = torch.cuda.get_per_process_memory_fraction(device)
     torch.cuda.set_per_process_memory_fraction(max(0.0, min(previous, int(cap_bytes) / total)), device)

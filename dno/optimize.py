@@ -440,27 +440,38 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     state = 3 * sum(t.numel() * t.element_size() for t in trainable)
     measured = measure_within(budget, device, measure)
     if measured is None:
-        blocked = None
-        if segments:
-            with checkpointed_blocks(segments):
-                blocked = measure_within(budget, device, measure)
-        if blocked is None:
-            raise torch.cuda.OutOfMemoryError(
-                f"one sampling step and its backward pass do not fit the memory budget of {budget / GIB:.2f} GiB "
-                f"({in_use / GIB:.2f} GiB already in use)" + ("" if segments else " and this model offers no "
-                                                               "blocks to checkpoint"))
-        step, step_working, decoded, decode_working = blocked
-        reserve = max(step_working, decode_working) + state
-        log.info("DNO: one step with all its activations does not fit the budget of %.2f GiB: block "
-                 "checkpointing (measured %.2f GiB for a step's backward)", budget / GIB, reserve / GIB)
-        return MemoryPlan(0, True, step, decoded, in_use, budget, reserve,
-                          note="a step with all its activations does not fit the budget")
+        return _plan_without_stored_steps(budget, in_use, state, segments, device, measure)
     step, step_working, decoded, decode_working = measured
     # without a budget from the user, stored steps are capped where they stop paying (memory.py)
     cap = None if config.memory_budget_gb is not None else DEFAULT_STORED_BYTES
     return plan_stored_steps(budget, in_use, step, decoded, window, bool(segments),
                              working_bytes=max(step_working, decode_working), state_bytes=state,
                              max_stored_bytes=cap)
+
+
+def _plan_without_stored_steps(budget: int, in_use: int, state: int, segments, device,
+                               measure: Callable[[], tuple]) -> MemoryPlan:
+    """The plan when one step with all its activations did not fit ``budget``: block
+    checkpointing (measured the same way) where the model offers blocks, else every step
+    recomputed. Where even that measures over the budget it is still the least memory DNO can
+    run in: the run goes ahead (and on a card that small may run out, and says so)."""
+    blocked = None
+    if segments:
+        with checkpointed_blocks(segments):
+            blocked = measure_within(budget, device, measure)
+    how = "block checkpointing" if segments else "every step recomputed (the model offers no blocks to checkpoint)"
+    if blocked is None:
+        log.warning("DNO: one sampling step does not fit the memory budget of %.2f GiB (%.2f GiB in use) "
+                    "even recomputed: running with %s, the least memory DNO can run in", budget / GIB,
+                    in_use / GIB, how)
+        return MemoryPlan(0, bool(segments), 0, 0, in_use, budget, state,
+                          note=f"{how}; not even that measured within the budget")
+    step, step_working, decoded, decode_working = blocked
+    reserve = max(step_working, decode_working) + state
+    log.info("DNO: one step with all its activations does not fit the memory budget of %.2f GiB: %s "
+             "(a step's backward measured %.2f GiB)", budget / GIB, how, reserve / GIB)
+    return MemoryPlan(0, True, step, decoded, in_use, budget, reserve,
+                      note=f"{how}: a step with all its activations does not fit the budget")
 
 
 def _next_iteration_estimate(history: List[StepRecord]) -> float:

@@ -22,6 +22,7 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, StopOptimization, optimize
 from ..dno.frozen import noise_only_backward
+from ..dno.layout import channels_last_weights
 from ..dno.precision import AUTO, resolve_precision
 from .host import (clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
@@ -106,7 +107,9 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
-                with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)):
+                with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)), \
+                        channels_last_weights((base_model, *controls, s.vae.first_stage_model),
+                                              enabled=channels_last_wanted(x_T.device)):
                     if compiled:
                         settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,
@@ -196,6 +199,13 @@ def graph_config(config: DNOConfig, base_model) -> DNOConfig:
         return config
     log.info("DNO: CUDA graphs off for this run: %s", reason)
     return dataclasses.replace(config, cuda_graphs=False)
+
+
+def channels_last_wanted(device) -> bool:
+    """Convolution weights channels-last for the run on CUDA (cuDNN's NHWC kernels: SD1.5 DNO
+    steps 1.93 -> 1.79 s on the H200), unless the user says DNO_CHANNELS_LAST=0."""
+    return (torch.device(device).type == "cuda"
+            and os.environ.get("DNO_CHANNELS_LAST", "1").strip() not in ("0", "false", "off"))
 
 
 def compute_dtype(base_model) -> torch.dtype:

@@ -100,3 +100,21 @@ def test_comfyui_classes_capture_in_every_memory_mode(tmp_path):
             assert r["released"], r
         assert r["compare"]["latent_rel_err"] <= 2e-2, r["compare"]
         assert r["reward_last"] > r["reward_first"], r
+
+
+@pytest.mark.gpu
+def test_channels_last_weights_change_speed_not_results(tmp_path):
+    """The pack's channels-last convolution weights (dno/layout.py, on by default on CUDA)
+    against the NCHW layout (DNO_CHANNELS_LAST=0), same seed, through the node pack's path with
+    ComfyUI's SD1.5 / SDXL classes: the same trajectory to bf16 rounding, graphs in both."""
+    records = tiny_bench_records(tmp_path / "bench.jsonl", "bf16:auto,bf16:auto/nchw,fp32:blocks,fp32:blocks/nchw")
+    assert len(records) == 8
+    for nhwc, nchw in zip(records[0::2], records[1::2]):
+        assert "error" not in nhwc and "error" not in nchw, (nhwc, nchw)
+        assert nhwc["dno_channels_last"] and not nchw["dno_channels_last"]
+        assert nhwc["cuda_graphs"] and nchw["cuda_graphs"], (nhwc["render"], nchw["render"])
+        tolerance = 2e-2 if nhwc["precision"] == "bf16" else 1e-4
+        assert nhwc["reward_last"] == pytest.approx(nchw["reward_last"], rel=tolerance), (nhwc, nchw)
+        assert nhwc["reward_first"] == pytest.approx(nchw["reward_first"], rel=tolerance)
+    # the first run of each process keeps the capture stream's cuBLAS workspace (see above)
+    assert all(r["released"] for i, r in enumerate(records) if i % 4), records

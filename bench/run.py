@@ -222,9 +222,10 @@ def memory_format(bench, layout) -> None:
     bench.vae.first_stage_model.to(memory_format=layout)
 
 
-def engine_layout(pack, device) -> bool:
+def engine_layout(pack, bench, device) -> bool:
     """Whether the pack ran that DNO run with channels-last convolution weights."""
-    return bool(sys.modules[pack.__name__ + ".nodes.engine"].channels_last_wanted(device))
+    return bool(sys.modules[pack.__name__ + ".nodes.engine"].channels_last_wanted(
+        device, bench.model.model.diffusion_model))
 
 
 def git_commit() -> str:
@@ -359,10 +360,10 @@ def main(argv=None) -> None:
                             args.profile_out, cuda_graphs=graphs)
                     continue
                 # the pack's own choice of layout (nodes/engine.py), or NCHW for an A/B
-                os.environ["DNO_CHANNELS_LAST"] = "0" if nchw else os.environ.get("BENCH_CHANNELS_LAST", "1")
+                os.environ["DNO_CHANNELS_LAST"] = "0" if nchw else os.environ.get("BENCH_CHANNELS_LAST", "")
                 record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
                                  cuda_graphs=graphs, keep_latent=args.compare, snapshot_to=args.memory_snapshot)
-                record["dno_channels_last"] = engine_layout(pack, device)
+                record["dno_channels_last"] = engine_layout(pack, bench, device)
                 if args.compare:
                     other = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
                                     cuda_graphs=not graphs, keep_latent=True)

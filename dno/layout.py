@@ -20,6 +20,20 @@ from typing import Iterable, Iterator
 import torch
 
 
+# Channels-last pays where convolutions carry the model: measured on the H200 (bf16, CUDA graphs,
+# one process each), SD1.5's UNet (68 % of its weights in Conv2d) took DNO steps from 1.94 to
+# 1.70 s, SDXL's (13 %: mostly transformer blocks) from 7.05 to 7.43 s.
+CONV_SHARE_FOR_CHANNELS_LAST = 0.5
+
+
+def conv_weight_share(module: torch.nn.Module) -> float:
+    """The fraction of ``module``'s parameters that are ``Conv2d`` weights (0 for none)."""
+    total = sum(p.numel() for p in module.parameters())
+    conv = sum(m.weight.numel() for m in module.modules()
+               if isinstance(m, torch.nn.Conv2d) and isinstance(m.weight, torch.Tensor))
+    return conv / total if total else 0.0
+
+
 @contextlib.contextmanager
 def channels_last_weights(modules: Iterable, enabled: bool = True) -> Iterator[int]:
     """While active, the 4-D weights of the modules' ``Conv2d`` layers (non-modules are skipped)

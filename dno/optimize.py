@@ -439,7 +439,9 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     # allocated once the loop runs: a gradient and AdamW's two moments per optimised noise tensor
     state = 3 * sum(t.numel() * t.element_size() for t in trainable)
     measured = measure_within(budget, device, measure)
-    if measured is None:
+    # The cap holds back new device memory only: what the allocator has cached already can be
+    # handed out past it. A measurement that fitted only so reads as not fitting all the same.
+    if measured is None or in_use + max(measured[1], measured[3]) + state > budget:
         return _plan_without_stored_steps(budget, in_use, state, segments, device, measure)
     step, step_working, decoded, decode_working = measured
     # without a budget from the user, stored steps are capped where they stop paying (memory.py)
@@ -459,6 +461,8 @@ def _plan_without_stored_steps(budget: int, in_use: int, state: int, segments, d
     if segments:
         with checkpointed_blocks(segments):
             blocked = measure_within(budget, device, measure)
+        if blocked is not None and in_use + max(blocked[1], blocked[3]) + state > budget:
+            blocked = None
     how = "block checkpointing" if segments else "every step recomputed (the model offers no blocks to checkpoint)"
     if blocked is None:
         log.warning("DNO: one sampling step does not fit the memory budget of %.2f GiB (%.2f GiB in use) "

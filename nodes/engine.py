@@ -22,7 +22,7 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, StopOptimization, optimize
 from ..dno.frozen import noise_only_backward
-from ..dno.layout import channels_last_weights
+from ..dno.layout import CONV_SHARE_FOR_CHANNELS_LAST, channels_last_weights, conv_weight_share
 from ..dno.precision import AUTO, resolve_precision
 from .host import (clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
@@ -109,7 +109,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 # (convolutions included, which autograd would otherwise keep regardless)
                 with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)), \
                         channels_last_weights((base_model, *controls, s.vae.first_stage_model),
-                                              enabled=channels_last_wanted(x_T.device)):
+                                              enabled=channels_last_wanted(x_T.device, base_model.diffusion_model)):
                     if compiled:
                         settle_compiled_model(denoiser, x_T * sig[0], sig[0], config.sampler_precision)
                     result = optimize(denoiser, sig, s.reward, decode, DNONoise(x_T, steps), schedule,
@@ -201,11 +201,16 @@ def graph_config(config: DNOConfig, base_model) -> DNOConfig:
     return dataclasses.replace(config, cuda_graphs=False)
 
 
-def channels_last_wanted(device) -> bool:
-    """Convolution weights channels-last for the run on CUDA (cuDNN's NHWC kernels: SD1.5 DNO
-    steps 1.93 -> 1.79 s on the H200), unless the user says DNO_CHANNELS_LAST=0."""
-    return (torch.device(device).type == "cuda"
-            and os.environ.get("DNO_CHANNELS_LAST", "1").strip() not in ("0", "false", "off"))
+def channels_last_wanted(device, diffusion_model: Optional[torch.nn.Module] = None) -> bool:
+    """Convolution weights channels-last for the run: on CUDA, for a model whose weights are
+    mostly convolutions (dno/layout.py: SD1.5-class UNets; not SDXL, DiTs). DNO_CHANNELS_LAST=1
+    or 0 decides instead."""
+    if torch.device(device).type != "cuda":
+        return False
+    wanted = os.environ.get("DNO_CHANNELS_LAST", "").strip().lower()
+    if wanted in ("0", "false", "off", "1", "true", "on"):
+        return wanted in ("1", "true", "on")
+    return diffusion_model is not None and conv_weight_share(diffusion_model) >= CONV_SHARE_FOR_CHANNELS_LAST
 
 
 def compute_dtype(base_model) -> torch.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dno.layout import channels_last_weights
+from dno.layout import channels_last_weights, conv_weight_share
 
 
 def small_net():
@@ -54,3 +54,30 @@ def test_restored_on_error_and_off_when_disabled():
     assert net[0].weight.is_contiguous()
     with channels_last_weights([net], enabled=False) as changed:
         assert changed == 0 and net[0].weight.is_contiguous()
+
+
+def test_conv_weight_share():
+    net = small_net()
+    conv = 8 * 3 * 9 + 4 * 8
+    total = sum(p.numel() for p in net.parameters())
+    assert conv_weight_share(net) == pytest.approx(conv / total)
+    assert conv_weight_share(torch.nn.Linear(3, 3)) == 0.0
+    assert conv_weight_share(torch.nn.Module()) == 0.0
+
+
+
+def test_the_host_sampler_turns_channels_last_on_for_convolution_models_on_cuda(monkeypatch):
+    import sys
+    from comfy_host import import_comfy
+    from node_pack import load_node_pack
+    import_comfy()
+    engine = sys.modules[load_node_pack().__name__ + ".nodes.engine"]
+    convs, linears = torch.nn.Conv2d(8, 8, 3), torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Conv2d(3, 3, 1))
+    monkeypatch.delenv("DNO_CHANNELS_LAST", raising=False)
+    assert engine.channels_last_wanted("cuda", convs)
+    assert not engine.channels_last_wanted("cuda", linears)          # mostly not convolutions
+    assert not engine.channels_last_wanted("cpu", convs)             # cuDNN's layout only
+    monkeypatch.setenv("DNO_CHANNELS_LAST", "0")
+    assert not engine.channels_last_wanted("cuda", convs)
+    monkeypatch.setenv("DNO_CHANNELS_LAST", "1")
+    assert engine.channels_last_wanted("cuda", linears)

@@ -4,10 +4,11 @@ training loss), with PIL only.
 The geometry is a contract, so a plot can be read back: inside the black frame, ``INSET`` pixels
 in from its edges (so no curve hides the frame), x runs linearly from step 0 (left) to the last
 recorded step (right) and y from the lowest plotted reward (bottom) to the highest (top),
-per-image rewards included; the labels beside the frame give those numbers. The mean reward of each step is a line with a dot per step in ``REWARD_COLOR``, the
-best-so-far (mean over the batch of each image's best) a thinner line in ``BEST_COLOR``, the noise
-probability (when a regulariser ran) a line in ``PROBABILITY_COLOR`` on its own 0..1 scale, and
-with a batch of several images each image's reward a faint line.
+per-image rewards included; the labels beside the frame give those numbers. The mean reward of
+each step is a line with a dot per step in ``REWARD_COLOR``, the best-so-far (mean over the batch
+of each image's best) a thinner line in ``BEST_COLOR``, the noise probability (when a regulariser
+ran) a line in ``PROBABILITY_COLOR`` on its own 0..1 scale, and with a batch of several images
+each image's reward a faint line.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegulariz
 from ..dno.frozen import noise_only_backward
 from ..dno.layout import CONV_SHARE_FOR_CHANNELS_LAST, channels_last_weights, conv_weight_share
 from ..dno.precision import AUTO, resolve_precision
+from .history import history_json
 from .host import (clone_inference_tensors, control_modules, host_step_noises,
                    load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
                    uses_torch_compile, vae_decoder)
@@ -70,8 +71,13 @@ class OptimizedNoise:
 
 
 class DNOHostSampler(comfy.samplers.Sampler):
-    def __init__(self, settings: DNORunSettings):
+    """``history``: where each finished run leaves its reward history, keyed by the latent the
+    guider hands back (the DNO Sampler node's DNO_HISTORY output); None for the DNO KSampler,
+    which returns the history itself."""
+
+    def __init__(self, settings: DNORunSettings, history=None):
         self.settings = settings
+        self.history = history
         self.result: Optional[DNOResult] = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
@@ -148,7 +154,12 @@ class DNOHostSampler(comfy.samplers.Sampler):
             comfy.model_management.soft_empty_cache()
         if callback is not None:
             callback(len(sigmas) - 2, result.latent, result.latent, len(sigmas) - 1)
-        return result.latent.to(noise.dtype)
+        samples = result.latent.to(noise.dtype)
+        if self.history is not None:
+            # keyed by the latent as the guider returns it (CFGGuider.inner_sample), so DNO Reward
+            # History finds this run from SamplerCustomAdvanced's output
+            self.history.record(base_model.process_latent_out(samples.to(torch.float32)), history_json(result))
+        return samples
 
     def _move_reward(self, device) -> None:
         reward = self.settings.reward

@@ -21,8 +21,9 @@ from ..dno import DNOError
 from ..dno.rewards import (
     BUILTIN_FUNCTIONS, BuiltinReward, DEFAULT_JPEG_QUALITY, JpegReward, Reward, RewardFileError,
     WeightedReward, cached_load, load_aesthetic_reward, load_clip_score_reward, load_hps_reward,
-    load_pickscore_reward,
+    aesthetic_reward, load_aesthetic_mlp, load_pickscore_reward,
 )
+from ..dno.rewards.loading import READABLE_EXTENSIONS
 
 log = logging.getLogger("DNO")
 
@@ -31,6 +32,7 @@ REWARD_FOLDER = "dno_rewards"
 CLIP_FOLDERS = (REWARD_FOLDER, "clip_vision", "clip")
 CATEGORY = "DNO/rewards"
 ACTIVATIONS = {"quick_gelu (OpenAI CLIP)": True, "gelu (LAION / open_clip)": False}
+REWARD_TOOLTIP = "The reward, for the reward input of a DNO node, DNO Combine Rewards or DNO Score Image."
 JPEG_OBJECTIVES = {"compressibility (smaller files)": True, "incompressibility (larger files)": False}
 
 
@@ -46,12 +48,15 @@ register_reward_folder()
 
 
 def _file_list(folders: Sequence[str]) -> List[str]:
+    """The weight files of these folder types that the reward loaders read. ComfyUI lists more
+    suffixes (.pkl, .pt2) than safetensors and torch.load(weights_only=True) can open."""
     names: List[str] = []
     for folder in folders:
         try:
-            names.extend(n for n in folder_paths.get_filename_list(folder) if n not in names)
+            found = folder_paths.get_filename_list(folder)
         except KeyError:  # a folder type this ComfyUI does not know
             continue
+        names.extend(n for n in found if n.lower().endswith(READABLE_EXTENSIONS) and n not in names)
     return names
 
 
@@ -70,14 +75,18 @@ def resolve_file(name: str, folders: Sequence[str], what: str) -> str:
 
 
 class ManagedReward(Reward):
-    """A reward whose weights ComfyUI's model management loads and offloads."""
+    """A reward whose weights ComfyUI's model management loads and offloads.
 
-    def __init__(self, inner: Reward):
+    ``host_models``: (ModelPatcher, module) pairs of models the host loaded and owns that the
+    reward runs (a CLIP_VISION): loaded with the reward, through their own patchers."""
+
+    def __init__(self, inner: Reward, host_models: Sequence = ()):
         super().__init__()
         self.inner = inner
         self.name = inner.name
         self.differentiable = inner.differentiable
         self.needs_prompt = getattr(inner, "needs_prompt", False)
+        self.host_models = tuple(host_models)
         self.patcher = comfy.model_patcher.ModelPatcher(
             inner, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(),
             size=mm.module_size(inner),
@@ -88,12 +97,19 @@ class ManagedReward(Reward):
         from .host import make_autograd_ready
 
         with torch.inference_mode(False):
-            mm.load_models_gpu([self.patcher], force_full_load=True)
+            mm.load_models_gpu([self.patcher, *(patcher for patcher, _ in self.host_models)],
+                               force_full_load=True)
             make_autograd_ready(self.inner)
+            for _, module in self.host_models:
+                make_autograd_ready(module)
+                module.requires_grad_(False)    # DNO needs gradients of the pixels, never of weights
 
     def _on_load_device(self) -> bool:
-        param = next(self.inner.parameters(), None)
-        return param is None or param.device == torch.device(self.patcher.load_device)
+        for patcher, module in ((self.patcher, self.inner), *self.host_models):
+            param = next(module.parameters(), None)
+            if param is not None and param.device != torch.device(patcher.load_device):
+                return False
+        return True
 
     def score(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
         if not self._on_load_device():
@@ -138,6 +154,7 @@ class DNOAestheticReward:
         }}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "LAION aesthetic predictor: an MLP on CLIP ViT-L/14 image embeddings."
@@ -148,6 +165,34 @@ class DNOAestheticReward:
         return (_managed(load_aesthetic_reward, mlp, clip, quick_gelu=ACTIVATIONS[clip_activation]),)
 
 
+class DNOAestheticRewardCLIPVision:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "aesthetic_mlp": (_file_list([REWARD_FOLDER]), {
+                "tooltip": "sac+logos+ava1-l14-linearMSE.pth (or .safetensors) in models/dno_rewards"}),
+            "clip_vision": ("CLIP_VISION", {
+                "tooltip": "CLIP ViT-L/14 from ComfyUI's Load CLIP Vision node (e.g. OpenAI's "
+                           "clip-vit-large-patch14 model.safetensors in models/clip_vision)"}),
+        }}
+
+    RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("LAION aesthetic predictor on the CLIP vision model ComfyUI already loaded (Load CLIP "
+                   "Vision): the same score as DNO Reward: LAION Aesthetic on that file.")
+
+    def load(self, aesthetic_mlp, clip_vision):
+        from .clip_vision import HostClipVisionBackbone
+
+        path = resolve_file(aesthetic_mlp, [REWARD_FOLDER], "Aesthetic MLP")
+        backbone = HostClipVisionBackbone(clip_vision)
+        with torch.inference_mode(False):       # ordinary tensors, so autograd can use the MLP
+            reward = aesthetic_reward(load_aesthetic_mlp(path), backbone, path, "of the clip_vision input")
+            return (ManagedReward(reward, host_models=[backbone.host_model]),)
+
+
 class DNOHPSReward:
     @classmethod
     def INPUT_TYPES(cls):
@@ -155,6 +200,7 @@ class DNOHPSReward:
             "tooltip": "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt in models/dno_rewards"})}}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "Human Preference Score v2 / v2.1 (needs the prompt)."
@@ -170,6 +216,7 @@ class DNOPickScoreReward:
             "tooltip": "PickScore_v1 model.safetensors (with its config.json beside it, or alone)"})}}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "PickScore (needs the prompt)."
@@ -183,12 +230,16 @@ class DNOCLIPScoreReward:
     def INPUT_TYPES(cls):
         return {"required": {
             "clip_model": (_file_list(CLIP_FOLDERS), {"tooltip": "Any full CLIP (image and text towers)"}),
-            "clip_activation": (list(ACTIVATIONS), {"default": "gelu (LAION / open_clip)"}),
+            "clip_activation": (list(ACTIVATIONS), {"default": "gelu (LAION / open_clip)",
+                                                    "tooltip": "The activation the CLIP was trained with "
+                                                               "(not visible in the weights): QuickGELU for "
+                                                               "OpenAI's CLIP, GELU for LAION's"}),
             "scale": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 1000.0, "step": 0.1,
                                 "tooltip": "score = scale * cosine(image, prompt)"}),
         }}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = "CLIP score: scaled cosine similarity of image and prompt."
@@ -202,9 +253,12 @@ class DNOCLIPScoreReward:
 class DNOBuiltinReward:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"kind": (list(BUILTIN_FUNCTIONS), {"default": "brightness"})}}
+        return {"required": {"kind": (list(BUILTIN_FUNCTIONS), {
+            "default": "brightness", "tooltip": "What to maximise: mean brightness, darkness, saturation or "
+                                                "contrast (standard deviation) of the pixels"})}}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "make"
     CATEGORY = CATEGORY
     DESCRIPTION = "Rewards computed from the pixels alone: brightness, darkness, saturation, contrast."
@@ -217,11 +271,14 @@ class DNOJPEGReward:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "objective": (list(JPEG_OBJECTIVES),),
-            "quality": ("INT", {"default": DEFAULT_JPEG_QUALITY, "min": 1, "max": 100}),
+            "objective": (list(JPEG_OBJECTIVES), {"tooltip": "compressibility rewards smaller JPEG files "
+                                                             "(simpler images), incompressibility larger ones"}),
+            "quality": ("INT", {"default": DEFAULT_JPEG_QUALITY, "min": 1, "max": 100,
+                                "tooltip": "JPEG quality of the encode that is measured (95 as in the paper's code)"}),
         }}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "make"
     CATEGORY = CATEGORY
     DESCRIPTION = "JPEG file size in kB (non-differentiable: optimised with the hybrid estimator)."
@@ -233,14 +290,21 @@ class DNOJPEGReward:
 class DNOCombineRewards:
     @classmethod
     def INPUT_TYPES(cls):
-        weight = ("FLOAT", {"default": 1.0, "min": -1000.0, "max": 1000.0, "step": 0.01})
+        def weight(i):
+            return ("FLOAT", {"default": 1.0, "min": -1000.0, "max": 1000.0, "step": 0.01,
+                              "tooltip": f"Factor of reward_{i} in the sum (negative to minimise it)"})
+
+        def reward(i):
+            return ("DNO_REWARD", {"tooltip": f"Reward {i} of the weighted sum"})
+
         optional = {}
         for i in (2, 3, 4):
-            optional[f"reward_{i}"] = ("DNO_REWARD",)
-            optional[f"weight_{i}"] = weight
-        return {"required": {"reward_1": ("DNO_REWARD",), "weight_1": weight}, "optional": optional}
+            optional[f"reward_{i}"] = reward(i)
+            optional[f"weight_{i}"] = weight(i)
+        return {"required": {"reward_1": reward(1), "weight_1": weight(1)}, "optional": optional}
 
     RETURN_TYPES = ("DNO_REWARD",)
+    OUTPUT_TOOLTIPS = (REWARD_TOOLTIP,)
     FUNCTION = "combine"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Weighted sum of rewards; if any part is non-differentiable the whole is "
@@ -257,15 +321,21 @@ class DNOCombineRewards:
 class DNOScoreImage:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "reward": ("DNO_REWARD",)},
-                "optional": {"prompt": ("STRING", {"default": "", "multiline": True})}}
+        return {"required": {"image": ("IMAGE", {"tooltip": "The images to score"}),
+                             "reward": ("DNO_REWARD", {"tooltip": "The reward that scores them"})},
+                "optional": {"prompt": ("STRING", {"default": "", "multiline": True,
+                                                   "tooltip": "Text for text-image rewards (HPS, PickScore, "
+                                                              "CLIP score)"})}}
 
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("mean_score", "scores")
+    OUTPUT_TOOLTIPS = ("The mean score of the batch.", "Every image's score, comma-separated (also shown "
+                                                        "on the node).")
     FUNCTION = "score"
     OUTPUT_NODE = True
     CATEGORY = CATEGORY
-    DESCRIPTION = "Scores images with a DNO reward (mean as FLOAT, every score as text)."
+    DESCRIPTION = ("Scores images with a DNO reward: the mean as FLOAT, every score as text, shown on the "
+                   "node.")
 
     def score(self, image, reward, prompt=""):
         require_prompt(reward, _prompt_list(prompt), "prompt", "DNO Score Image")
@@ -283,6 +353,7 @@ class DNOScoreImage:
 
 NODE_CLASS_MAPPINGS = {
     "DNOAestheticReward": DNOAestheticReward,
+    "DNOAestheticRewardCLIPVision": DNOAestheticRewardCLIPVision,
     "DNOHPSReward": DNOHPSReward,
     "DNOPickScoreReward": DNOPickScoreReward,
     "DNOCLIPScoreReward": DNOCLIPScoreReward,
@@ -294,6 +365,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DNOAestheticReward": "DNO Reward: LAION Aesthetic",
+    "DNOAestheticRewardCLIPVision": "DNO Reward: LAION Aesthetic (CLIP Vision)",
     "DNOHPSReward": "DNO Reward: HPSv2",
     "DNOPickScoreReward": "DNO Reward: PickScore",
     "DNOCLIPScoreReward": "DNO Reward: CLIP Score",

@@ -1,7 +1,6 @@
 """DNO sampler nodes: a SAMPLER for SamplerCustomAdvanced and an all-in-one KSampler."""
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import comfy.samplers
@@ -9,6 +8,7 @@ import comfy.samplers
 from ..dno import DNOConfig, DNOError
 from ..dno.regularizer import DEFAULT_PERMUTATIONS
 from .engine import DNOHostSampler, DNORunSettings, OptimizedNoise, run_ksampler
+from .history import RunHistories, history_json
 from .rewards import require_prompt
 
 MODES = {"SDE (eta=1, paper default)": 1.0, "ODE (eta=0)": 0.0}
@@ -28,7 +28,9 @@ def optimisation_inputs():
                                                   "ODE optimises x_T only."}),
         "opt_steps": ("INT", {"default": 20, "min": 0, "max": 10000,
                               "tooltip": "Optimisation steps (0 = plain sampling)."}),
-        "lr": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 10.0, "step": 0.001}),
+        "lr": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 10.0, "step": 0.001,
+                         "tooltip": "Adam learning rate on the noise (the paper's range: 0.01); each image's "
+                                    "gradient is clipped to norm 1."}),
         "method": (METHODS, {"tooltip": "auto = exact gradients for differentiable rewards, "
                                         "hybrid estimator otherwise."}),
         "precision": (PRECISIONS, {"tooltip": "Autocast precision of the differentiable pass. auto: fp32 on "
@@ -44,8 +46,10 @@ def optimisation_inputs():
 def optional_inputs():
     return {
         "regularizer": ("DNO_REGULARIZER", {"tooltip": "Keeps the noise in-distribution."}),
-        "target_reward": ("FLOAT", {"default": 0.0, "min": -1e9, "max": 1e9, "step": 0.01}),
-        "stop_at_target": ("BOOLEAN", {"default": False}),
+        "target_reward": ("FLOAT", {"default": 0.0, "min": -1e9, "max": 1e9, "step": 0.01,
+                                    "tooltip": "The reward at which to stop, when stop_at_target is on."}),
+        "stop_at_target": ("BOOLEAN", {"default": False,
+                                       "tooltip": "Stop once every image reached target_reward."}),
         "opt_window": ("INT", {"default": 0, "min": 0, "max": 10000,
                                "tooltip": "The paper's opt_time N: optimise the N noises that enter the last N "
                                           "sampling steps (x_T counts as the first step's; the last step "
@@ -57,7 +61,9 @@ def optional_inputs():
                                              "0 = no previews. Each preview costs an image encode and transfer."}),
         "grad_samples": ("INT", {"default": 16, "min": 1, "max": 1024,
                                  "tooltip": "Perturbed samples per step for hybrid/zeroth-order."}),
-        "perturbation": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 1.0, "step": 0.001}),
+        "perturbation": ("FLOAT", {"default": 0.01, "min": 1e-5, "max": 1.0, "step": 0.001,
+                                   "tooltip": "Size mu of the random image perturbations of the hybrid / "
+                                              "zeroth-order estimators (pixels in 0..1)."}),
         "memory_mode": (list(MEMORY_MODES), {"tooltip": "auto: keep as many sampling steps in memory as "
                                                         "the budget allows (fast on big cards, fits small "
                                                         "ones); the others force one strategy."}),
@@ -136,19 +142,6 @@ def check_inputs(node_class, **values) -> Optional[str]:
     return None
 
 
-def history_json(result) -> str:
-    if result is None:
-        return "{}"
-    return json.dumps({
-        "stop_reason": result.stop_reason,
-        "initial_reward": result.initial_reward.tolist(),
-        "best_reward": result.best_reward.tolist(),
-        "best_step": result.best_step.tolist(),
-        "steps": [{"step": h.step, "reward": h.reward, "regularizer": h.regularizer,
-                   "probability": h.probability, "elapsed": round(h.elapsed, 3)} for h in result.history],
-    })
-
-
 class DNOSampler:
     """DNO as a SAMPLER: plug into SamplerCustomAdvanced with any guider and sigmas."""
 
@@ -157,10 +150,15 @@ class DNOSampler:
         return {"required": optimisation_inputs(), "optional": optional_inputs(),
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    RETURN_TYPES = ("SAMPLER",)
+    RETURN_TYPES = ("SAMPLER", "DNO_HISTORY")
+    RETURN_NAMES = ("sampler", "history")
+    OUTPUT_TOOLTIPS = ("DNO as the sampler of SamplerCustomAdvanced (any guider, sigmas and noise).",
+                       "Where this sampler's runs keep their reward history: connect it, with the latent "
+                       "SamplerCustomAdvanced returns, to DNO Reward History.")
     FUNCTION = "build"
     CATEGORY = "DNO"
-    DESCRIPTION = "Direct Noise Optimization as a sampler for SamplerCustomAdvanced."
+    DESCRIPTION = ("Direct Noise Optimization as a SAMPLER for SamplerCustomAdvanced: optimises x_T (and the "
+                   "per-step noises in SDE mode) to maximise the reward, and returns the best latent.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, sampler_mode=None, opt_window=None):
@@ -170,7 +168,8 @@ class DNOSampler:
                 or ode_window_problem(sampler_mode, opt_window, steps_from_sigmas=True) or True)
 
     def build(self, unique_id=None, **kwargs):
-        return (DNOHostSampler(settings_from(node_id=unique_id, **kwargs)),)
+        history = RunHistories()
+        return (DNOHostSampler(settings_from(node_id=unique_id, **kwargs), history), history)
 
 
 class DNOKSampler:
@@ -179,21 +178,33 @@ class DNOKSampler:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "model": ("MODEL", {"tooltip": "The model that denoises (LoRAs and patches included)."}),
+            "positive": ("CONDITIONING", {"tooltip": "What the image should show."}),
+            "negative": ("CONDITIONING", {"tooltip": "What the image should not show."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent to sample: an empty one for txt2img, an "
+                                                   "encoded image with denoise < 1 to refine it."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "Seed of the starting noise (x_T and the per-step noises)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "Sampling steps of each render (every optimisation step renders "
+                                         "the image once)."}),
+            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale, as in KSampler."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "How the sigmas fall over the steps, "
+                                                                          "as in KSampler."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1 = generate from noise; below 1, refine latent_image and "
+                                             "optimise only the noise of the steps that run."}),
         }
         required.update(optimisation_inputs())
         return {"required": required, "optional": optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT", "NOISE", "STRING")
     RETURN_NAMES = ("latent", "optimized_noise", "reward_history")
+    OUTPUT_TOOLTIPS = ("The best latent found (per image).",
+                       "The optimised x_T as a NOISE for other samplers (reproduces an ODE run exactly).",
+                       "JSON: reward, regulariser and noise probability per optimisation step, and why the "
+                       "run stopped. DNO Plot Reward History draws it.")
     FUNCTION = "sample"
     CATEGORY = "DNO"
     DESCRIPTION = "KSampler that optimises its noise to maximise a reward (Direct Noise Optimization)."
@@ -235,6 +246,7 @@ class DNONoiseRegularizer:
         }}
 
     RETURN_TYPES = ("DNO_REGULARIZER",)
+    OUTPUT_TOOLTIPS = ("The regulariser for the regularizer input of a DNO node.",)
     FUNCTION = "build"
     CATEGORY = "DNO"
     DESCRIPTION = ("The paper's probability regulariser: penalises noise that stops looking like N(0, I) "

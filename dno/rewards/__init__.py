@@ -2,7 +2,7 @@
 
 Heavy libraries (open_clip, transformers) are imported inside the loaders only.
 """
-from .aesthetic import AestheticReward, load_aesthetic_reward
+from .aesthetic import AestheticReward, aesthetic_reward, load_aesthetic_mlp, load_aesthetic_reward
 from .base import Reward
 from .builtin import BUILTIN_FUNCTIONS, BuiltinReward
 from .cache import cached_load, clear_reward_cache
@@ -19,7 +19,7 @@ from .text_image import TextImageReward
 __all__ = [
     "AestheticReward", "BUILTIN_FUNCTIONS", "BuiltinReward", "ClipBackbone", "ClipPreprocess",
     "DEFAULT_JPEG_QUALITY", "JpegReward", "Reward", "RewardFileError", "TextImageReward",
-    "WeightedReward", "cached_load", "clear_reward_cache", "jpeg_sizes_kb",
-    "load_aesthetic_reward", "load_clip_backbone", "load_clip_score_reward", "load_hps_reward",
-    "load_pickscore_reward", "load_state_dict", "preprocess_images",
+    "WeightedReward", "aesthetic_reward", "cached_load", "clear_reward_cache", "jpeg_sizes_kb",
+    "load_aesthetic_mlp", "load_aesthetic_reward", "load_clip_backbone", "load_clip_score_reward",
+    "load_hps_reward", "load_pickscore_reward", "load_state_dict", "preprocess_images",
 ]

@@ -59,17 +59,25 @@ class AestheticReward(Reward):
         return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1).float()
 
 
-def load_aesthetic_reward(mlp_path: str, clip_path: str, quick_gelu: bool = True) -> AestheticReward:
-    """``mlp_path``: the aesthetic ``.pth``/``.safetensors``; ``clip_path``: CLIP ViT-L/14 weights."""
-    mlp = build_aesthetic_mlp(load_state_dict(mlp_path, EXPECTED_MLP), mlp_path)
-    clip = load_clip_backbone(clip_path, quick_gelu=quick_gelu,
-                              expected="CLIP ViT-L/14 weights for the aesthetic predictor")
+def load_aesthetic_mlp(mlp_path: str) -> torch.nn.Sequential:
+    """The aesthetic ``.pth``/``.safetensors`` file as a frozen MLP."""
+    return build_aesthetic_mlp(load_state_dict(mlp_path, EXPECTED_MLP), mlp_path)
+
+
+def aesthetic_reward(mlp: torch.nn.Sequential, clip: ClipBackbone, mlp_name: str, clip_name: str) -> AestheticReward:
+    """The predictor on this CLIP, once the CLIP's embeddings are known to fit the MLP."""
     embed = mlp[0].in_features
-    with torch.no_grad():
-        probe = clip.encode_image(torch.zeros(1, 3, clip.preprocess.size, clip.preprocess.size))
-    if probe.shape[-1] != embed:
+    width = clip.image_embedding_size()
+    if width != embed:
         raise RewardFileError(
-            f"The aesthetic MLP '{mlp_path}' takes {embed}-d embeddings but the CLIP '{clip_path}' "
-            f"gives {probe.shape[-1]}-d ones; the predictor needs CLIP ViT-L/14 (768-d)."
+            f"The aesthetic MLP '{mlp_name}' takes {embed}-d embeddings but the CLIP {clip_name} "
+            f"gives {width}-d ones; the predictor needs CLIP ViT-L/14 (768-d)."
         )
     return AestheticReward(clip, mlp)
+
+
+def load_aesthetic_reward(mlp_path: str, clip_path: str, quick_gelu: bool = True) -> AestheticReward:
+    """``mlp_path``: the aesthetic ``.pth``/``.safetensors``; ``clip_path``: CLIP ViT-L/14 weights."""
+    clip = load_clip_backbone(clip_path, quick_gelu=quick_gelu,
+                              expected="CLIP ViT-L/14 weights for the aesthetic predictor")
+    return aesthetic_reward(load_aesthetic_mlp(mlp_path), clip, mlp_path, f"'{clip_path}'")

@@ -63,6 +63,12 @@ class ClipBackbone(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def image_embedding_size(self) -> int:
+        """Width of the image embeddings (one probe of a blank image)."""
+        size = self.preprocess.size
+        with torch.no_grad():
+            return int(self.encode_image(torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)).shape[-1])
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings of (B, 3, H, W) images in [0, 1]; differentiable in the pixels."""
         pixels = self.preprocess(images.to(device=self.device, dtype=self.dtype))

@@ -14,8 +14,10 @@ import torch
 
 from ..errors import DNOError
 
-SAFETENSORS_EXTENSIONS = (".safetensors",)
+# ".sft" is the short safetensors suffix ComfyUI lists beside ".safetensors" (Flux files use it).
+SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+READABLE_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
 # A Hugging Face model folder keeps its weights under one of these names (sharded files are not
 # supported: reward models are small enough to come in one file).
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -106,7 +108,7 @@ def load_checkpoint(path: str, expected: str) -> object:
     if lower.endswith(PICKLE_EXTENSIONS):
         return _read_pickle(file, expected)
     raise RewardFileError(
-        f"Unsupported file type for {_describe(file)} (expected {expected}): use .safetensors "
+        f"Unsupported file type for {_describe(file)} (expected {expected}): use .safetensors / .sft "
         f"(preferred) or one of {', '.join(PICKLE_EXTENSIONS)}."
     )
 

@@ -17,14 +17,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(paths, model):
-    runs = []
+    """The runs of ``model``, one per mode: a later file's run replaces an earlier one (a newer
+    commit measured again). A 2-update run's only timed interval includes the warm-up; its
+    second interval (a backward, the update and the final render) stands in, marked ``*``; a run
+    with channels-last weights is marked (NHWC)."""
+    runs = {}
     for path in paths:
         for line in open(path):
             if line.startswith("{") and '"mode"' in line:
                 r = json.loads(line)
-                if r.get("model") == model and r.get("dno_step_s") and not r.get("channels_last"):
-                    runs.append(r)
-    return runs
+                if r.get("model") != model or not r.get("dno_step_s") or r.get("channels_last"):
+                    continue
+                r["mark"] = ""
+                if r.get("step_time_includes_warmup") and len(r.get("dno_step_s_all") or []) >= 2:
+                    r["dno_step_s"], r["mark"] = r["dno_step_s_all"][1], "*"
+                if r.get("dno_channels_last"):     # measured with channels-last weights (dno/layout.py)
+                    r["mark"] += " (NHWC)"
+                runs[r["mode"]] = r
+    return list(runs.values())
 
 
 def main(argv=None) -> None:
@@ -38,13 +48,13 @@ def main(argv=None) -> None:
     if not budgeted:
         raise SystemExit(f"no auto=<GiB> runs of {args.model} in {args.paths}")
     gpu = budgeted[0].get("gpu", "?")
-    print(f"| budget GiB | plan | DNO step s | peak GiB | first update s |   ({args.model}, {gpu})")
-    print("|---|---|---|---|---|")
+    print(f"| budget GiB | plan | DNO step s | peak GiB | first update s | commit |   ({args.model}, {gpu})")
+    print("|---|---|---|---|---|---|")
     for r in budgeted:
         plan = r.get("plan") or {}
         what = "blocks" if plan.get("block_checkpointing") else f"{plan.get('stored_steps', '?')} stored"
-        print(f"| {r['memory_budget_gb']:g} | {what} | {r['dno_step_s']:.2f} | {r['peak_gib']:.2f} "
-              f"| {r['first_update_s']:.1f} |")
+        print(f"| {r['memory_budget_gb']:g} | {what} | {r['dno_step_s']:.2f}{r['mark']} | {r['peak_gib']:.2f} "
+              f"| {r['first_update_s']:.1f} | {r.get('commit', '?')} |")
     fig, ax = plt.subplots(figsize=(6, 4))
     budgets = [r["memory_budget_gb"] for r in budgeted]
     ax.plot(budgets, [r["dno_step_s"] for r in budgeted], "o-", label="auto with memory_budget_gb")

@@ -1,7 +1,11 @@
 """The example workflows through a real ComfyUI server (0.3.75, or $COMFYUI_PATH).
 
 The workflows in example_workflows/api are posted to /prompt as they are,
-except for sizes and step counts turned down for a 2-core CPU.
+except for sizes and step counts turned down for a 2-core CPU. Every model file they name
+exists under that name: tiny random-weight files in the real formats (tiny_checkpoints.py,
+reward_fixtures.py). SDXL cannot be made tiny, so the SDXL Turbo workflow runs on the tiny
+SD1.5-family file under the Turbo file's name: the graph (SDTurboScheduler sigmas, cfg 1) is the
+one a user runs.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from PIL import Image
 
 from comfy_host import ComfyHostError, ComfyServer
 from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint, sd15_controlnet
+from tests import reward_fixtures as fx
 from workflow_format import api_to_ui, same_graph, ui_to_api
 
 pytestmark = pytest.mark.server
@@ -27,6 +32,12 @@ API_DIR = REPO / "example_workflows" / "api"
 UI_DIR = REPO / "example_workflows"
 CKPT = "v1-5-pruned-emaonly.safetensors"
 CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
+# The files the newer examples name (what a user downloads; see pyproject's [tool.comfy] Models)
+SD3_CKPT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+TURBO_CKPT = "sd_xl_turbo_1.0_fp16.safetensors"
+AESTHETIC_MLP = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_CLIP = "clip-vit-large-patch14.safetensors"
+HPS_FILE = "HPS_v2.1_compressed.pt"
 STEP_LINE = re.compile(r"DNO step (\d+)/(\d+)\s+reward (-?[\d.]+)")
 
 
@@ -39,10 +50,12 @@ def shrink(api, opt_steps=3, steps=4, size=64):
     api = copy.deepcopy(api)
     for node in api.values():
         ins = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             ins.update(width=size, height=size)
         if node["class_type"] in ("DNOKSampler", "KSampler", "BasicScheduler"):
             ins["steps"] = steps
+        if node["class_type"] == "SDTurboScheduler":      # already few-step: keep its count
+            ins["steps"] = min(ins["steps"], steps)
         if node["class_type"] in ("DNOKSampler", "DNOSampler"):
             ins.update(opt_steps=opt_steps, precision="fp32", lr=0.05, preview_every=1)
     return api
@@ -55,7 +68,19 @@ def server(tmp_path_factory):
     fresh = sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors")
     sd3 = sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")
     controlnet = sd15_controlnet(models, filename=CONTROLNET)
-    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3], "controlnet": [controlnet]}, threads=2) as srv:
+    sd3_named = sd3_checkpoint(models, vae="taesd", filename=SD3_CKPT)
+    turbo = sd15_checkpoint(models, vae="taesd", filename=TURBO_CKPT)
+    rewards, clips = models / "dno_rewards", models / "clip_vision"
+    rewards.mkdir()
+    clips.mkdir()
+    mlp, _ = fx.save_aesthetic_file(str(rewards))                  # the real file's name already
+    clip, _ = fx.save_hf_clip_file(str(clips), hidden_act="quick_gelu")
+    clip = Path(clip).rename(clips / AESTHETIC_CLIP)
+    hps, _ = fx.save_hps_file(str(rewards))
+    hps = Path(hps).rename(rewards / HPS_FILE)
+    assert Path(mlp).name == AESTHETIC_MLP
+    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3, sd3_named, turbo], "controlnet": [controlnet],
+                             "dno_rewards": [mlp, hps], "clip_vision": [clip]}, threads=2) as srv:
         assert not srv.custom_node_import_failed(), srv.log_tail()
         Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(
             srv.input_dir / "example.png")
@@ -128,6 +153,66 @@ def test_controlnet_workflow(server):
     print("server-logged DNO rewards with a ControlNet:", rewards)
     assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
     assert image_of(server, entry, "DNO_controlnet").shape == (64, 64, 3)
+
+
+def test_example_workflows_are_all_tested():
+    """A new example gets its own test below (and a thumbnail, test_packaging.py)."""
+    tested = {"dno_txt2img_ksampler", "dno_sampler_custom_advanced", "dno_img2img_refine", "dno_controlnet",
+              "dno_aesthetic_reward", "dno_sd3_sampler_custom_advanced", "dno_few_step_turbo"}
+    assert {p.stem for p in API_DIR.glob("*.json")} == tested
+
+
+def test_regularizers_save_the_node_default_permutations(server):
+    default = server.object_info("DNONoiseRegularizer")["DNONoiseRegularizer"]["input"]["required"][
+        "permutations"][1]["default"]
+    assert default == 100
+    for api_file in sorted(API_DIR.glob("*.json")):
+        for node in json.loads(api_file.read_text()).values():
+            if node["class_type"] == "DNONoiseRegularizer":
+                assert node["inputs"]["permutations"] == default, api_file.name
+
+
+def test_aesthetic_reward_workflow(server):
+    """The LAION aesthetic predictor (MLP + CLIP ViT-L/14 from models/clip_vision) as the reward;
+    the plain KSampler beside it has the same seed, and DNO Score Image scores both images."""
+    api = shrink(load_api("dno_aesthetic_reward"))
+    assert api["5"]["inputs"]["aesthetic_mlp"] == AESTHETIC_MLP and api["5"]["inputs"]["clip_model"] == AESTHETIC_CLIP
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged aesthetic rewards:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    dno, plain = image_of(server, entry, "DNO_aesthetic"), image_of(server, entry, "DNO_aesthetic_plain")
+    assert dno.shape == plain.shape == (64, 64, 3)
+    scores = {key: float(entry["outputs"][key]["text"][0]) for key in ("13", "14")}
+    # DNO's image is its best sample; the plain KSampler's is DNO's unoptimised step 0 (same seed)
+    assert scores["13"] == pytest.approx(max(rewards), abs=1e-3), (scores, rewards)
+    assert scores["14"] == pytest.approx(rewards[0], abs=1e-3), (scores, rewards)
+
+
+def test_sd3_sampler_custom_advanced_workflow(server):
+    """SD3 (a flow model: ModelSamplingSD3, 16-channel EmptySD3LatentImage) through
+    SamplerCustomAdvanced with DNO Sampler as its SAMPLER and HPSv2.1 scoring the reward prompt."""
+    api = shrink(load_api("dno_sd3_sampler_custom_advanced"))
+    assert api["1"]["inputs"]["ckpt_name"] == SD3_CKPT and api["6"]["inputs"]["hps_checkpoint"] == HPS_FILE
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged HPSv2 rewards on SD3:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert "model_type FLOW" in log, log[-3000:]
+    assert image_of(server, entry, "DNO_sd3").shape == (64, 64, 3)
+
+
+def test_few_step_turbo_workflow(server):
+    """SDTurboScheduler's 4 sigmas, cfg 1 through BasicGuider: DNO optimises x_T and the per-step
+    noises of a 4-step run."""
+    api = shrink(load_api("dno_few_step_turbo"))
+    assert api["9"]["inputs"]["steps"] == 4 and api["1"]["inputs"]["ckpt_name"] == TURBO_CKPT
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged saturation rewards, 4-step Turbo graph:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert "over 4 sampling steps" in log, log[-2000:]
+    assert image_of(server, entry, "DNO_turbo").shape == (64, 64, 3)
 
 
 def plain_graph(ckpt, prefix, after_dno=False):

@@ -2,18 +2,14 @@
 
 The workflows in example_workflows/api are posted to /prompt as they are,
 except for sizes and step counts turned down for a 2-core CPU. Every model file they name
-exists under that name: tiny random-weight files in the real formats (tiny_checkpoints.py,
-reward_fixtures.py). SDXL cannot be made tiny, so the SDXL Turbo workflow runs on the tiny
-SD1.5-family file under the Turbo file's name: the graph (SDTurboScheduler sigmas, cfg 1) is the
-one a user runs.
+exists under that name: tiny random-weight files in the real formats (example_models.py).
 """
 from __future__ import annotations
 
-import copy
 import json
 import re
-import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,69 +17,25 @@ import pytest
 from PIL import Image
 
 from comfy_host import ComfyHostError, ComfyServer
-from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint, sd15_controlnet
-from tests import reward_fixtures as fx
+from example_models import (AESTHETIC_CLIP, AESTHETIC_MLP, API_DIR, CONTROLNET, HPS_FILE, REPO, SD3_CKPT,
+                            TURBO_CKPT, UI_DIR, example_model_files, load_api, shrink, write_example_input)
+from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
 from workflow_format import api_to_ui, same_graph, ui_to_api
 
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[1]
-API_DIR = REPO / "example_workflows" / "api"
-UI_DIR = REPO / "example_workflows"
-CKPT = "v1-5-pruned-emaonly.safetensors"
-CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
-# The files the newer examples name (what a user downloads; see pyproject's [tool.comfy] Models)
-SD3_CKPT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
-TURBO_CKPT = "sd_xl_turbo_1.0_fp16.safetensors"
-AESTHETIC_MLP = "sac+logos+ava1-l14-linearMSE.pth"
-AESTHETIC_CLIP = "clip-vit-large-patch14.safetensors"
-HPS_FILE = "HPS_v2.1_compressed.pt"
 STEP_LINE = re.compile(r"DNO step (\d+)/(\d+)\s+reward (-?[\d.]+)")
-
-
-def load_api(name):
-    return json.loads((API_DIR / f"{name}.json").read_text())
-
-
-def shrink(api, opt_steps=3, steps=4, size=64):
-    """The same graph, sized for the CPU."""
-    api = copy.deepcopy(api)
-    for node in api.values():
-        ins = node["inputs"]
-        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
-            ins.update(width=size, height=size)
-        if node["class_type"] in ("DNOKSampler", "KSampler", "BasicScheduler"):
-            ins["steps"] = steps
-        if node["class_type"] == "SDTurboScheduler":      # already few-step: keep its count
-            ins["steps"] = min(ins["steps"], steps)
-        if node["class_type"] in ("DNOKSampler", "DNOSampler"):
-            ins.update(opt_steps=opt_steps, precision="fp32", lr=0.05, preview_every=1)
-    return api
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    sd15 = sd15_checkpoint(models, vae="taesd", filename=CKPT)
-    fresh = sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors")
-    sd3 = sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")
-    controlnet = sd15_controlnet(models, filename=CONTROLNET)
-    sd3_named = sd3_checkpoint(models, vae="taesd", filename=SD3_CKPT)
-    turbo = sd15_checkpoint(models, vae="taesd", filename=TURBO_CKPT)
-    rewards, clips = models / "dno_rewards", models / "clip_vision"
-    rewards.mkdir()
-    clips.mkdir()
-    mlp, _ = fx.save_aesthetic_file(str(rewards))                  # the real file's name already
-    clip, _ = fx.save_hf_clip_file(str(clips), hidden_act="quick_gelu")
-    clip = Path(clip).rename(clips / AESTHETIC_CLIP)
-    hps, _ = fx.save_hps_file(str(rewards))
-    hps = Path(hps).rename(rewards / HPS_FILE)
-    assert Path(mlp).name == AESTHETIC_MLP
-    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3, sd3_named, turbo], "controlnet": [controlnet],
-                             "dno_rewards": [mlp, hps], "clip_vision": [clip]}, threads=2) as srv:
+    files = example_model_files(models)
+    files["checkpoints"] += [sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors"),
+                             sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")]
+    with ComfyServer(models=files, threads=2) as srv:
         assert not srv.custom_node_import_failed(), srv.log_tail()
-        Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(
-            srv.input_dir / "example.png")
+        write_example_input(srv)
         yield srv
 
 
@@ -378,3 +330,36 @@ def test_ode_with_a_partial_window_is_refused_when_the_prompt_is_validated(serve
     with pytest.raises(ComfyHostError, match="opt_window") as err:
         server.queue(api)
     assert "SIGMAS" in describe_rejection(str(err.value))
+
+
+def test_the_thumbnail_script_renders_an_example_from_its_run(server, tmp_path):
+    """make_thumbnails.render runs the workflow and writes the image of its DNO branch, with the
+    workflow's digest in the JPEG comment."""
+    import make_thumbnails
+
+    mark = len(server.log())
+    out = make_thumbnails.render(server, "dno_few_step_turbo", out_dir=tmp_path, size=64, opt_steps=1)
+    assert len(rewards_from(server.log()[mark:])) == 2          # DNO ran: step 0 and one update
+    image = Image.open(out)
+    assert image.format == "JPEG" and image.size == (make_thumbnails.THUMBNAIL_SIZE,) * 2
+    assert make_thumbnails.recorded_digest(out) == make_thumbnails.workflow_digest(load_api("dno_few_step_turbo"))
+    saved = [p for p in server.output_dir.iterdir() if p.name.startswith("DNO_turbo")]
+    newest = max(saved, key=lambda p: p.stat().st_mtime)
+    expected = Image.open(newest).convert("RGB").resize(image.size, Image.LANCZOS)
+
+    def distance(a, b):
+        return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).mean()
+
+    assert distance(image, expected) < 3                                        # JPEG's loss only
+    assert distance(image, expected.transpose(Image.FLIP_LEFT_RIGHT)) > 3 * distance(image, expected)
+
+
+def test_the_server_lists_every_template_and_serves_its_thumbnail(server):
+    """What the template browser asks for: /workflow_templates lists the pack's templates (the UI
+    files, not api/), and /api/workflow_templates/<pack>/<name>.jpg is the committed thumbnail."""
+    listed = server._request("GET", "/workflow_templates")
+    assert sorted(listed["comfyui-dno"]) == sorted(p.stem for p in API_DIR.glob("*.json"))
+    for name in listed["comfyui-dno"]:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-dno/{name}.jpg", timeout=10) as r:
+            assert r.headers["Content-Type"] == "image/jpeg", name
+            assert r.read() == (UI_DIR / f"{name}.jpg").read_bytes(), name

@@ -45,7 +45,10 @@ def config():
 
 @pytest.fixture(scope="module")
 def raw_toml():
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:             # Python 3.10: the same parser as the tomli package
+        import tomli as tomllib
 
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 

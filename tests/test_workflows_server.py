@@ -1,15 +1,15 @@
 """The example workflows through a real ComfyUI server (0.3.75, or $COMFYUI_PATH).
 
 The workflows in example_workflows/api are posted to /prompt as they are,
-except for sizes and step counts turned down for a 2-core CPU.
+except for sizes and step counts turned down for a 2-core CPU. Every model file they name
+exists under that name: tiny random-weight files in the real formats (example_models.py).
 """
 from __future__ import annotations
 
-import copy
 import json
 import re
-import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,48 +17,25 @@ import pytest
 from PIL import Image
 
 from comfy_host import ComfyHostError, ComfyServer
-from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint, sd15_controlnet
+from example_models import (AESTHETIC_CLIP, AESTHETIC_MLP, API_DIR, CONTROLNET, HPS_FILE, REPO, SD3_CKPT,
+                            TURBO_CKPT, UI_DIR, example_model_files, load_api, shrink, write_example_input)
+from tiny_checkpoints import sd3_checkpoint, sd15_checkpoint
 from workflow_format import api_to_ui, same_graph, ui_to_api
 
 pytestmark = pytest.mark.server
 
-REPO = Path(__file__).resolve().parents[1]
-API_DIR = REPO / "example_workflows" / "api"
-UI_DIR = REPO / "example_workflows"
-CKPT = "v1-5-pruned-emaonly.safetensors"
-CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
 STEP_LINE = re.compile(r"DNO step (\d+)/(\d+)\s+reward (-?[\d.]+)")
-
-
-def load_api(name):
-    return json.loads((API_DIR / f"{name}.json").read_text())
-
-
-def shrink(api, opt_steps=3, steps=4, size=64):
-    """The same graph, sized for the CPU."""
-    api = copy.deepcopy(api)
-    for node in api.values():
-        ins = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
-            ins.update(width=size, height=size)
-        if node["class_type"] in ("DNOKSampler", "KSampler", "BasicScheduler"):
-            ins["steps"] = steps
-        if node["class_type"] in ("DNOKSampler", "DNOSampler"):
-            ins.update(opt_steps=opt_steps, precision="fp32", lr=0.05, preview_every=1)
-    return api
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
-    sd15 = sd15_checkpoint(models, vae="taesd", filename=CKPT)
-    fresh = sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors")
-    sd3 = sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")
-    controlnet = sd15_controlnet(models, filename=CONTROLNET)
-    with ComfyServer(models={"checkpoints": [sd15, fresh, sd3], "controlnet": [controlnet]}, threads=2) as srv:
+    files = example_model_files(models)
+    files["checkpoints"] += [sd15_checkpoint(models, vae="taesd", filename="fresh-copy.safetensors"),
+                             sd3_checkpoint(models, vae="taesd", filename="tiny-sd3.safetensors")]
+    with ComfyServer(models=files, threads=2) as srv:
         assert not srv.custom_node_import_failed(), srv.log_tail()
-        Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(
-            srv.input_dir / "example.png")
+        write_example_input(srv)
         yield srv
 
 
@@ -128,6 +105,66 @@ def test_controlnet_workflow(server):
     print("server-logged DNO rewards with a ControlNet:", rewards)
     assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
     assert image_of(server, entry, "DNO_controlnet").shape == (64, 64, 3)
+
+
+def test_example_workflows_are_all_tested():
+    """A new example gets its own test below (and a thumbnail, test_packaging.py)."""
+    tested = {"dno_txt2img_ksampler", "dno_sampler_custom_advanced", "dno_img2img_refine", "dno_controlnet",
+              "dno_aesthetic_reward", "dno_sd3_sampler_custom_advanced", "dno_few_step_turbo"}
+    assert {p.stem for p in API_DIR.glob("*.json")} == tested
+
+
+def test_regularizers_save_the_node_default_permutations(server):
+    default = server.object_info("DNONoiseRegularizer")["DNONoiseRegularizer"]["input"]["required"][
+        "permutations"][1]["default"]
+    assert default == 100
+    for api_file in sorted(API_DIR.glob("*.json")):
+        for node in json.loads(api_file.read_text()).values():
+            if node["class_type"] == "DNONoiseRegularizer":
+                assert node["inputs"]["permutations"] == default, api_file.name
+
+
+def test_aesthetic_reward_workflow(server):
+    """The LAION aesthetic predictor (MLP + CLIP ViT-L/14 from models/clip_vision) as the reward;
+    the plain KSampler beside it has the same seed, and DNO Score Image scores both images."""
+    api = shrink(load_api("dno_aesthetic_reward"))
+    assert api["5"]["inputs"]["aesthetic_mlp"] == AESTHETIC_MLP and api["5"]["inputs"]["clip_model"] == AESTHETIC_CLIP
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged aesthetic rewards:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    dno, plain = image_of(server, entry, "DNO_aesthetic"), image_of(server, entry, "DNO_aesthetic_plain")
+    assert dno.shape == plain.shape == (64, 64, 3)
+    scores = {key: float(entry["outputs"][key]["text"][0]) for key in ("13", "14")}
+    # DNO's image is its best sample; the plain KSampler's is DNO's unoptimised step 0 (same seed)
+    assert scores["13"] == pytest.approx(max(rewards), abs=1e-3), (scores, rewards)
+    assert scores["14"] == pytest.approx(rewards[0], abs=1e-3), (scores, rewards)
+
+
+def test_sd3_sampler_custom_advanced_workflow(server):
+    """SD3 (a flow model: ModelSamplingSD3, 16-channel EmptySD3LatentImage) through
+    SamplerCustomAdvanced with DNO Sampler as its SAMPLER and HPSv2.1 scoring the reward prompt."""
+    api = shrink(load_api("dno_sd3_sampler_custom_advanced"))
+    assert api["1"]["inputs"]["ckpt_name"] == SD3_CKPT and api["6"]["inputs"]["hps_checkpoint"] == HPS_FILE
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged HPSv2 rewards on SD3:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert "model_type FLOW" in log, log[-3000:]
+    assert image_of(server, entry, "DNO_sd3").shape == (64, 64, 3)
+
+
+def test_few_step_turbo_workflow(server):
+    """SDTurboScheduler's 4 sigmas, cfg 1 through BasicGuider: DNO optimises x_T and the per-step
+    noises of a 4-step run."""
+    api = shrink(load_api("dno_few_step_turbo"))
+    assert api["9"]["inputs"]["steps"] == 4 and api["1"]["inputs"]["ckpt_name"] == TURBO_CKPT
+    entry, log = run(server, api)
+    rewards = rewards_from(log)
+    print("server-logged saturation rewards, 4-step Turbo graph:", rewards)
+    assert len(rewards) == 4 and max(rewards[1:]) > rewards[0]
+    assert "over 4 sampling steps" in log, log[-2000:]
+    assert image_of(server, entry, "DNO_turbo").shape == (64, 64, 3)
 
 
 def plain_graph(ckpt, prefix, after_dno=False):
@@ -293,3 +330,36 @@ def test_ode_with_a_partial_window_is_refused_when_the_prompt_is_validated(serve
     with pytest.raises(ComfyHostError, match="opt_window") as err:
         server.queue(api)
     assert "SIGMAS" in describe_rejection(str(err.value))
+
+
+def test_the_thumbnail_script_renders_an_example_from_its_run(server, tmp_path):
+    """make_thumbnails.render runs the workflow and writes the image of its DNO branch, with the
+    workflow's digest in the JPEG comment."""
+    import make_thumbnails
+
+    mark = len(server.log())
+    out = make_thumbnails.render(server, "dno_few_step_turbo", out_dir=tmp_path, size=64, opt_steps=1)
+    assert len(rewards_from(server.log()[mark:])) == 2          # DNO ran: step 0 and one update
+    image = Image.open(out)
+    assert image.format == "JPEG" and image.size == (make_thumbnails.THUMBNAIL_SIZE,) * 2
+    assert make_thumbnails.recorded_digest(out) == make_thumbnails.workflow_digest(load_api("dno_few_step_turbo"))
+    saved = [p for p in server.output_dir.iterdir() if p.name.startswith("DNO_turbo")]
+    newest = max(saved, key=lambda p: p.stat().st_mtime)
+    expected = Image.open(newest).convert("RGB").resize(image.size, Image.LANCZOS)
+
+    def distance(a, b):
+        return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).mean()
+
+    assert distance(image, expected) < 3                                        # JPEG's loss only
+    assert distance(image, expected.transpose(Image.FLIP_LEFT_RIGHT)) > 3 * distance(image, expected)
+
+
+def test_the_server_lists_every_template_and_serves_its_thumbnail(server):
+    """What the template browser asks for: /workflow_templates lists the pack's templates (the UI
+    files, not api/), and /api/workflow_templates/<pack>/<name>.jpg is the committed thumbnail."""
+    listed = server._request("GET", "/workflow_templates")
+    assert sorted(listed["comfyui-dno"]) == sorted(p.stem for p in API_DIR.glob("*.json"))
+    for name in listed["comfyui-dno"]:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-dno/{name}.jpg", timeout=10) as r:
+            assert r.headers["Content-Type"] == "image/jpeg", name
+            assert r.read() == (UI_DIR / f"{name}.jpg").read_bytes(), name

@@ -261,7 +261,12 @@ def test_cancelling_twice_stops_the_nodes_after_dno(server):
     pid, mark = queue_until(server, api, "DNO step 2/400")
     server.interrupt()
     wait_for_log(server, mark, "DNO finished", timeout=60)
-    time.sleep(0.5)                                           # into the plain KSampler's 3000 steps
+    # DNO's image is decoded and saved before the second Cancel (a fixed sleep was too short on a
+    # loaded machine); the plain KSampler's 3000 steps run after it, and the Cancel stops them.
+    deadline = time.time() + 60
+    while not any(p.name.startswith("twice_dno") for p in server.output_dir.iterdir()):
+        assert time.time() < deadline, "DNO's image was not saved within 60 s of the first Cancel"
+        time.sleep(0.1)
     server.interrupt()
     entry = server.wait(pid, timeout=120)
     assert "execution_interrupted" in message_kinds(entry), entry["status"]

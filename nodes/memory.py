@@ -3,11 +3,12 @@
 ComfyUI decides what stays on the GPU from the models it loaded (``load_models_gpu``) and the
 memory a run says it needs besides them (``memory_required``, as its own trainer declares it in
 comfy_extras/nodes_train.py). A DNO run needs far more than plain sampling: the activations its
-backward pass keeps. So the sampler loads every model it runs (UNet, ControlNets, VAE, reward
-models) in one call with that working set declared, and ComfyUI unloads other models until it
-is free; the automatic memory plan then takes its budget from ComfyUI's view of free memory.
-Reward models are ComfyUI models too (a ``ModelPatcher`` each, see ``nodes/rewards.py``): loaded,
-counted and unloaded like the others, in the dtype the run computes in.
+backward pass keeps. So the sampler loads the UNet, ControlNets and VAE in one call with that
+working set (and the reward models' weights) declared, and ComfyUI unloads other models until it
+is free; then the reward models, in full. The automatic memory plan takes its budget from
+ComfyUI's view of free memory after that. Reward models are ComfyUI models too (a
+``ModelPatcher`` each, see ``nodes/rewards.py``): loaded, counted and unloaded like the others,
+in the dtype the run computes in.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from ..dno.optimize import DNOConfig, resolve_method
 log = logging.getLogger("DNO")
 
 # One stored sampling step's activations over ComfyUI's inference estimate of that model call
-# (BaseModel.memory_required of the CFG batch). Measured on an H200 (bf16, 2026-12-03,
-# bench/results/2026-12-03-h200-graphs-run*.jsonl): SD1.5 512² 1.22 GiB against 0.16 GiB (7.5x),
-# SDXL 1024² 9.36 GiB against 0.51 GiB (18x). The larger is taken: a declaration that is too
-# high only unloads models that could have stayed; one too low leaves the plan fewer steps.
+# (BaseModel.memory_required of the CFG batch), from the plans measured on an H200 (bf16,
+# 2026-12-03, bench/results/2026-12-03-h200-graphs-run{1,2}.jsonl, step_gib / decode_gib):
+# SD1.5 512² 1.22 GiB against 0.16 GiB (7.5x), SDXL 1024² 9.36 GiB against 0.51 GiB (18x).
+# The larger is taken: a declaration that is too high only unloads models that could have
+# stayed; one too low leaves the plan fewer steps to store.
 STEP_ACTIVATION_FACTOR = 18.0
 # One decode's activations over ComfyUI's inference estimate of it (VAE.memory_used_decode):
 # 1.73 / 1.06 GiB for SD1.5 512², 6.91 / 4.25 GiB for SDXL 1024² (the same runs): 1.6x both.

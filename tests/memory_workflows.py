@@ -32,6 +32,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -269,9 +270,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    base = Path(tempfile.mkdtemp(prefix="dno-memory-"))
+    try:
+        run_all(args, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_all(args, base: Path) -> None:
     mm = import_comfy(args.device)
     device = mm.get_torch_device()
-    base = Path(tempfile.mkdtemp(prefix="dno-memory-"))
     lay_out_folders(base, Path(args.models))
     pack = load_nodes(base)
     probes = Probes(pack, mm)

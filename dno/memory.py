@@ -88,16 +88,62 @@ def plan_stored_steps(budget_bytes: int, in_use_bytes: int, step_bytes: int, dec
                       int(budget_bytes), reserve)
 
 
+def budget_from_free(allocated_bytes: int, free_bytes: int, total_bytes: int, host_reserve_bytes: int = 0) -> int:
+    """The budget "auto" plans in when the user sets none: what is allocated now plus what is
+    still free (the driver's free memory and the allocator's cached, unused blocks), less a
+    reserve: the larger of ours (a tenth of the device, at least 2 GiB) and what the host keeps
+    back for other programs (ComfyUI's ``--reserve-vram``)."""
+    reserve = max(MIN_RESERVE_BYTES, int(DEFAULT_RESERVE_FRACTION * total_bytes), int(host_reserve_bytes))
+    return max(0, int(allocated_bytes) + int(free_bytes) - reserve)
+
+
 def default_budget_bytes(device: torch.device) -> Optional[int]:
-    """What the framework can still allocate on ``device``, less a reserve; None off CUDA."""
+    """What the framework can still allocate on ``device``, less a reserve; None off CUDA.
+
+    A host that keeps its own account of free memory (ComfyUI) passes its number instead
+    (``DNOConfig.auto_budget_bytes``, from :func:`budget_from_free`).
+    """
     device = torch.device(device)
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     cached_unused = torch.cuda.memory_reserved(device) - allocated
-    reserve = max(MIN_RESERVE_BYTES, int(DEFAULT_RESERVE_FRACTION * total))
-    return max(0, allocated + cached_unused + free - reserve)
+    return budget_from_free(allocated, cached_unused + free, total)
+
+
+def planned_working_set(checkpoint, window: int, step_bytes: int, decode_bytes: int,
+                        budget_bytes: Optional[int] = None, weights_bytes: int = 0,
+                        max_stored_bytes: int = DEFAULT_STORED_BYTES) -> int:
+    """What a run is expected to allocate beyond the weights, in bytes, before anything is measured.
+
+    For a host that makes room ahead of the run (ComfyUI unloads other models until this much is
+    free): ``step_bytes`` and ``decode_bytes`` are estimates of one stored step's and one
+    decode's activations. The run's own plan (:func:`plan_stored_steps`) measures them later and
+    stays within the memory it then finds, so an estimate that is off costs time (fewer stored
+    steps, or other models unloaded needlessly), not an out-of-memory error.
+
+    ``checkpoint`` as in ``DNOConfig``: True / "blocks" store nothing (one step or the decode is
+    recomputed at a time: about twice its activations, as :func:`plan_stored_steps` assumes
+    unmeasured), False stores the whole ``window``, n stores n steps, "auto" what
+    ``budget_bytes`` allows (the user's budget covers the ``weights_bytes`` already in it) or,
+    without one, up to ``max_stored_bytes``.
+    """
+    step, decode = max(0, int(step_bytes)), max(0, int(decode_bytes))
+    working = 2 * max(step, decode)
+    reserve = working + working // 8
+    window = max(0, int(window))
+    if checkpoint is True or checkpoint == "blocks":
+        stored = 0
+    elif checkpoint is False:
+        stored = window * step
+    elif checkpoint == "auto":
+        if budget_bytes is not None:
+            return max(reserve, int(budget_bytes) - int(weights_bytes))
+        stored = min(window * step, int(max_stored_bytes))
+    else:
+        stored = min(window, int(checkpoint)) * step
+    return reserve + stored
 
 
 def activation_cost(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Tuple[int, int]:

@@ -58,6 +58,9 @@ class DNOConfig:
     # "blocks" recomputes every step and checkpoints the model's blocks inside it (least memory).
     checkpoint: Union[bool, int, str] = "auto"
     memory_budget_gb: Optional[float] = None  # "auto": cap on allocated GPU memory; None = what is free
+    # What "is free" means when memory_budget_gb is None, in bytes: a host's own view of free
+    # memory (ComfyUI's, see memory.budget_from_free); None = the allocator's (default_budget_bytes).
+    auto_budget_bytes: Optional[int] = None
     # Run the denoiser and decoder under autocast. A host whose model already computes in bf16/fp16
     # (ComfyUI) turns it off: autocast would upcast its norms and softmax to fp32 (slower, more
     # memory). The reward always runs under autocast.
@@ -94,6 +97,8 @@ class DNOConfig:
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise DNOError(f"memory_budget_gb must be positive GiB or None (use what is free), "
                            f"got {self.memory_budget_gb}")
+        if self.auto_budget_bytes is not None and self.auto_budget_bytes < 0:
+            raise DNOError(f"auto_budget_bytes must be >= 0 or None, got {self.auto_budget_bytes}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise DNOError(f"time_budget must be positive seconds or None, got {self.time_budget}")
 
@@ -421,6 +426,7 @@ def _plan_memory(config: DNOConfig, denoiser, decode, schedule, eta: float, sig:
     if device.type != "cuda":
         return None
     budget = (int(config.memory_budget_gb * GIB) if config.memory_budget_gb is not None
+              else config.auto_budget_bytes if config.auto_budget_bytes is not None
               else default_budget_bytes(device))
     first = len(sig) - 1 - window
     z = None if noise.steps is None else noise.steps[first].detach()

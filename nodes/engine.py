@@ -25,9 +25,10 @@ from ..dno.frozen import noise_only_backward
 from ..dno.layout import CONV_SHARE_FOR_CHANNELS_LAST, channels_last_weights, conv_weight_share
 from ..dno.precision import AUTO, resolve_precision
 from .history import history_json
-from .host import (clone_inference_tensors, control_modules, host_step_noises,
-                   load_vae_for_grad, make_autograd_ready, schedule_for, settle_compiled_model,
-                   uses_torch_compile, vae_decoder)
+from .host import (clone_inference_tensors, control_modules, host_step_noises, make_autograd_ready,
+                   schedule_for, settle_compiled_model, uses_torch_compile, vae_decoder)
+from .memory import (auto_budget_bytes, load_run_models, managed_rewards, plain_sampling_minimum,
+                     reward_dtype, working_set_bytes)
 from .progress import RunReporter, WatchedDenoiser
 
 log = logging.getLogger("DNO")
@@ -73,11 +74,15 @@ class OptimizedNoise:
 class DNOHostSampler(comfy.samplers.Sampler):
     """``history``: where each finished run leaves its reward history, keyed by the latent the
     guider hands back (the DNO Sampler node's DNO_HISTORY output); None for the DNO KSampler,
-    which returns the history itself."""
+    which returns the history itself. ``keep_result``: keep the run's DNOResult (best latent,
+    image and noise, on the device) in ``self.result`` for the caller. The DNO Sampler node's
+    SAMPLER stays in ComfyUI's output cache after its run, so it keeps nothing: its latent has
+    been handed downstream."""
 
-    def __init__(self, settings: DNORunSettings, history=None):
+    def __init__(self, settings: DNORunSettings, history=None, keep_result: bool = False):
         self.settings = settings
         self.history = history
+        self.keep_result = keep_result
         self.result: Optional[DNOResult] = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
@@ -96,11 +101,18 @@ class DNOHostSampler(comfy.samplers.Sampler):
         compiled = uses_torch_compile(extra_args.get("model_options"))
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                conds = clone_inference_tensors(getattr(model_wrap, "conds", {}), noise.device)
+                device = noise.device
+                conds = clone_inference_tensors(getattr(model_wrap, "conds", {}), device)
                 controls = control_modules(conds)
-                for module in (base_model, *controls):
+                config = sampler_config(precision_config(s.config, base_model, device), base_model)
+                self._load_models(model_wrap, conds, noise.shape, len(sigmas) - 1, config)
+                for module in (base_model, *controls, s.vae.first_stage_model):
                     make_autograd_ready(module)
-                load_vae_for_grad(s.vae)
+                self._move_reward(device, reward_dtype(config.precision, device))
+                # after the load: ComfyUI may have loaded the UNet partially (no CUDA graphs then)
+                config = graph_config(config, base_model)
+                if config.memory_budget_gb is None:
+                    config = dataclasses.replace(config, auto_budget_bytes=auto_budget_bytes(device))
                 x_T = noise.clone().float()
                 latent = latent_image.clone().float() if latent_image is not None else torch.zeros_like(x_T)
                 sig = sigmas.clone().float()
@@ -108,9 +120,6 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
                 denoiser = WatchedDenoiser(reporter, model_wrap, sig, extra_args, x_T, latent, mask)
                 decode = vae_decoder(s.vae, base_model.process_latent_out)
-                config = graph_config(sampler_config(precision_config(s.config, base_model, x_T.device),
-                                                     base_model), base_model)
-                self._move_reward(x_T.device)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
                 with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)), \
@@ -145,7 +154,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 raise
             raise DNOError(message, result) from error
         finally:
-            self.result = result
+            self.result = result if self.keep_result else None
             reporter.finish(result)
             if result is not None:
                 log.info("DNO finished: %s; reward %.4f -> %.4f", result.stop_reason,
@@ -161,11 +170,29 @@ class DNOHostSampler(comfy.samplers.Sampler):
             self.history.record(base_model.process_latent_out(samples.to(torch.float32)), history_json(result))
         return samples
 
-    def _move_reward(self, device) -> None:
+    def _load_models(self, model_wrap, conds, shape, steps: int, config: DNOConfig) -> None:
+        """UNet, ControlNets (and the other models the guider loaded) and VAE in one
+        ``load_models_gpu`` with the run's working set and the reward models' weights declared
+        (nodes/memory.py). The reward models, cast to the run's dtype first, are loaded next in
+        full (``_move_reward``): plain torch modules cannot be loaded partially."""
+        s = self.settings
+        device = torch.device(model_wrap.model_patcher.load_device)
+        rewards = managed_rewards(s.reward)
+        for part in rewards:
+            part.cast(reward_dtype(config.precision, device))
+        patchers = [model_wrap.model_patcher, *getattr(model_wrap, "loaded_models", []), s.vae.patcher]
+        reward_weights = sum(part.patcher.model_size() for part in rewards)
+        weights = sum(p.model_size() for p in patchers) + reward_weights
+        base_model = model_wrap.inner_model
+        working = working_set_bytes(config, s.reward, base_model, s.vae, shape, steps, weights)
+        load_run_models(patchers, working + reward_weights,
+                        plain_sampling_minimum(base_model, conds, shape) + reward_weights)
+
+    def _move_reward(self, device, dtype: torch.dtype) -> None:
         reward = self.settings.reward
         prepare = getattr(reward, "prepare", None)
         if callable(prepare):
-            prepare(device)
+            prepare(device, dtype)
         elif isinstance(reward, torch.nn.Module):
             reward.to(device)
 
@@ -270,7 +297,7 @@ def run_ksampler(model, positive, negative, latent, settings: DNORunSettings, se
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    sampler = DNOHostSampler(settings)
+    sampler = DNOHostSampler(settings, keep_result=True)
     out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                         seed=seed)
     result = dict(latent)     # as KSampler: the rest of the LATENT (noise_mask, batch_index) passes on

@@ -251,8 +251,3 @@ def vae_decoder(vae, process_latent_out):
         return image
     decode.checkpoint_segments = decoder_blocks(vae.first_stage_model)
     return decode
-
-
-def load_vae_for_grad(vae) -> None:
-    comfy.model_management.load_models_gpu([vae.patcher])
-    make_autograd_ready(vae.first_stage_model)

@@ -92,10 +92,31 @@ class ManagedReward(Reward):
             size=mm.module_size(inner),
         )
 
-    def prepare(self, device=None) -> None:
-        """Load onto the sampling device (freeing other models if needed), autograd-ready."""
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), None)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Keep the weights in ``dtype`` (a DNO run's compute dtype). A loaded model is unloaded
+        first and cast on its offload device, so ComfyUI counts the size it then loads. Casting
+        down and up again keeps the lower precision (the file is not read again)."""
+        from .memory import unload
+
+        if self.dtype in (None, dtype):
+            return
+        unload(self.patcher)
+        with torch.inference_mode(False):
+            self.inner.to(dtype=dtype)
+        self.patcher.size = mm.module_size(self.inner)
+        log.info("DNO: %s reward weights in %s", self.name, str(dtype).replace("torch.", ""))
+
+    def prepare(self, device=None, dtype: Optional[torch.dtype] = None) -> None:
+        """Load onto the sampling device (freeing other models if needed), autograd-ready; in
+        ``dtype`` when given (else as they are)."""
         from .host import make_autograd_ready
 
+        if dtype is not None:
+            self.cast(dtype)
         with torch.inference_mode(False):
             mm.load_models_gpu([self.patcher, *(patcher for patcher, _ in self.host_models)],
                                force_full_load=True)

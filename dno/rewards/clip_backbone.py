@@ -70,8 +70,12 @@ class ClipBackbone(torch.nn.Module):
             return int(self.encode_image(torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)).shape[-1])
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings of (B, 3, H, W) images in [0, 1]; differentiable in the pixels."""
-        pixels = self.preprocess(images.to(device=self.device, dtype=self.dtype))
+        """L2-normalised embeddings of (B, 3, H, W) images in [0, 1]; differentiable in the pixels.
+
+        The resize and normalisation run in fp32 (antialiased bicubic has no bf16 kernel on a
+        CPU, and 8-bit-exact rounding needs the precision), the towers in the weights' dtype.
+        """
+        pixels = self.preprocess(images.to(device=self.device, dtype=torch.float32)).to(self.dtype)
         return torch.nn.functional.normalize(self.encode_image(pixels).float(), dim=-1)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:

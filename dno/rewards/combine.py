@@ -27,12 +27,13 @@ class WeightedReward(Reward):
         self.needs_prompt = any(getattr(r, "needs_prompt", False) for r in self.rewards)
         self.name = " + ".join(f"{w:g}*{r.name}" for r, w in zip(self.rewards, self.weights))
 
-    def prepare(self, device) -> None:
-        """Gets every part ready on ``device``; parts that manage their own memory do it themselves."""
+    def prepare(self, device, dtype: Optional[torch.dtype] = None) -> None:
+        """Gets every part ready on ``device`` (parts that manage their own memory do it
+        themselves, in ``dtype`` when given); the others are only moved."""
         for reward in self.rewards:
             prepare = getattr(reward, "prepare", None)
             if callable(prepare):
-                prepare(device)
+                prepare(device) if dtype is None else prepare(device, dtype)
             else:
                 reward.to(device)
 

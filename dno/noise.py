@@ -90,7 +90,7 @@ class TrainableNoise:
     """The part of a :class:`DNONoise` that DNO optimises, as autograd leaves.
 
     With a window of K steps (the paper's ``opt_time``; see
-    ``dno.optimize.optimised_noises``) these are the noise that enters the
+    ``dno.optimize.optimized_noises``) these are the noise that enters the
     first of the last K steps (x_T when the window covers every step, else the
     noise injected by the step before it) and every noise injected after it.
     Steps whose noise has a zero coefficient (the last step, any step of an
@@ -98,16 +98,16 @@ class TrainableNoise:
     sample, so they would only distort the regulariser.
     """
 
-    def __init__(self, noise: DNONoise, step_indices: Sequence[int], optimise_x_T: bool):
+    def __init__(self, noise: DNONoise, step_indices: Sequence[int], optimize_x_T: bool):
         self.base = noise.detach()
         self.step_indices = list(step_indices)
-        self.optimise_x_T = bool(optimise_x_T)
+        self.optimize_x_T = bool(optimize_x_T)
         self.leaves: List[torch.Tensor] = []
         # made once: a tensor built from a Python list per render would be a host-to-device copy,
         # which a CUDA graph cannot capture
         self._index = (torch.as_tensor(self.step_indices, device=self.base.steps.device)
                        if self.step_indices else None)
-        if self.optimise_x_T:
+        if self.optimize_x_T:
             self.leaves.append(self.base.x_T.clone().float().requires_grad_(True))
         if self.step_indices:
             self.leaves.append(self.base.steps[self.step_indices].clone().float().requires_grad_(True))
@@ -121,12 +121,12 @@ class TrainableNoise:
 
     def batch_axis(self, index: int) -> int:
         # x_T is (B, ...), the stacked step noises are (K, B, ...)
-        return 0 if (self.optimise_x_T and index == 0) else 1
+        return 0 if (self.optimize_x_T and index == 0) else 1
 
     def assemble(self, leaves: Optional[Sequence[torch.Tensor]] = None) -> DNONoise:
         """A DNONoise made of the fixed base and ``leaves`` (default: the trainable leaves)."""
         leaves = list(self.leaves if leaves is None else leaves)
-        x_T = leaves.pop(0) if self.optimise_x_T else self.base.x_T
+        x_T = leaves.pop(0) if self.optimize_x_T else self.base.x_T
         steps = self.base.steps
         if self.step_indices:
             window = leaves.pop(0)
@@ -159,7 +159,7 @@ class TrainableNoise:
         tiled.base = self.base.repeat(times)
         tiled.step_indices = self.step_indices
         tiled._index = self._index
-        tiled.optimise_x_T = self.optimise_x_T
+        tiled.optimize_x_T = self.optimize_x_T
         tiled.leaves = leaves
         return tiled.assemble(leaves), deltas
 

@@ -189,216 +189,333 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
              full_denoise: bool = True, config: Optional[DNOConfig] = None,
              regularizer: Optional[ProbabilityRegularizer] = None,
              callback: Optional[Callable[[StepInfo], None]] = None) -> DNOResult:
-    """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc."""
-    config = config or DNOConfig()
-    config.validate()
-    if config.precision == AUTO:    # fp32 on a CPU, the denoiser's dtype on a GPU
-        config = dataclasses.replace(config, precision=resolve_precision(
-            AUTO, noise.x_T.device, module_dtype(denoiser)))
+    """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc.
+
+    The pieces, each on its own below: :func:`prepare_config`, :func:`trainable_noise`,
+    :func:`memory_mode` (the plan), :class:`Render` (what one sample costs), the loop with
+    :func:`estimate_gradient` and :func:`update` (one update), :func:`stop_reason` (stopping),
+    :class:`Best` (what is kept).
+    """
+    config = prepare_config(config, noise, denoiser)
     schedule = get_schedule(schedule)
     sig = as_sigma_list(sigmas)
-    n = len(sig) - 1
-    noise.validate(n, eta)
+    noise.validate(len(sig) - 1, eta)
     if latent is not None and tuple(latent.shape) != tuple(noise.x_T.shape):
         raise DNOError(f"latent shape {tuple(latent.shape)} does not match the noise shape "
                        f"{tuple(noise.x_T.shape)}")
+    window = checked_window(config, len(sig) - 1)
+    method = resolve_method(config.method, reward)
+    params = trainable_noise(noise, schedule, sig, eta, window)
+    mode = memory_mode(config, method, denoiser, decode, schedule, eta, sig, window, noise, latent,
+                       full_denoise, params.leaves)
+    # graphs for the methods whose render records a graph (the estimators' renders record none)
+    render = Render(denoiser, decode, sig, schedule, eta, latent, full_denoise, window, mode, params, config,
+                    noise.batch_size, noise.x_T.device, config.cuda_graphs and method in ("autograd", "hybrid"))
+    scorer = Scorer(reward, prompts, noise.batch_size)
+    return run_updates(render, scorer, params, method, config, regularizer, callback,
+                       (denoiser, decode, reward))
+
+
+def prepare_config(config: Optional[DNOConfig], noise: DNONoise, denoiser) -> DNOConfig:
+    """The run's validated config, precision "auto" resolved: fp32 on a CPU, the denoiser's
+    dtype on a GPU."""
+    config = config or DNOConfig()
+    config.validate()
+    if config.precision == AUTO:
+        config = dataclasses.replace(config, precision=resolve_precision(
+            AUTO, noise.x_T.device, module_dtype(denoiser)))
+    return config
+
+
+def checked_window(config: DNOConfig, n: int) -> int:
+    """``config.window`` = K (the paper's opt_time) as a number of steps: every step for 0/None."""
     window = n if not config.window else int(config.window)
     if not 1 <= window <= n:
         raise DNOError(f"opt_window must be 0 (every step and x_T) or between 1 and the number of sampling "
                        f"steps ({n}), got {window}")
-    method = resolve_method(config.method, reward)
-    device = noise.x_T.device
-    batch = noise.batch_size
+    return window
 
-    steps_in_window, optimise_x_T = optimised_noises(schedule, sig, eta, window, noise.steps is not None)
-    if not steps_in_window and not optimise_x_T:
+
+def trainable_noise(noise: DNONoise, schedule: NoiseSchedule, sig: List[float], eta: float,
+                    window: int) -> TrainableNoise:
+    """The noises ``window`` reaches, as the optimiser's leaves; an error where it reaches none."""
+    n = len(sig) - 1
+    steps_in_window, optimize_x_T = optimized_noises(schedule, sig, eta, window, noise.steps is not None)
+    if not steps_in_window and not optimize_x_T:
         if eta == 0 or noise.steps is None:
             raise DNOError(f"opt_window={window} with sampler_mode ODE (eta=0) optimises nothing: an ODE "
                            f"sampler injects no noise after x_T, and x_T is optimised only when opt_window "
                            f"covers every sampling step (0 or {n}); set opt_window=0 or sampler_mode SDE")
         raise DNOError(f"opt_window={window} optimises nothing: none of the last {window + 1} sampling steps "
                        f"injects noise at eta={eta}; widen opt_window (0 = every step and x_T)")
-    params = TrainableNoise(noise, steps_in_window, optimise_x_T=optimise_x_T)
-    optimizer = torch.optim.AdamW(params.leaves, lr=config.lr, weight_decay=config.weight_decay)
-    scaler = grad_scaler(config.precision, device)
+    return TrainableNoise(noise, steps_in_window, optimize_x_T=optimize_x_T)
 
-    def scaled(t: torch.Tensor) -> torch.Tensor:
-        return t if scaler is None else scaler.scale(t)
-    generator = torch.Generator(device=device).manual_seed(int(config.seed))
 
-    plan = None
-    keep, blocks, store_decode = config.checkpoint, False, config.checkpoint is False
+@dataclass
+class MemoryMode:
+    """How the exact-gradient render trades memory for time (DNOConfig.checkpoint resolved)."""
+    keep: Union[bool, int]      # sampling.sample's checkpoint: True recompute all, False store all, n
+    blocks: bool                # also checkpoint the model's blocks inside recomputed steps
+    store_decode: bool          # keep the decode's activations instead of recomputing it
+    plan: Optional[MemoryPlan]  # what checkpoint="auto" measured and chose
+
+
+def memory_mode(config: DNOConfig, method: str, denoiser, decode, schedule, eta: float, sig: List[float],
+                window: int, noise: DNONoise, latent, full_denoise: bool,
+                trainable: List[torch.Tensor]) -> MemoryMode:
+    keep, blocks, store_decode, plan = config.checkpoint, False, config.checkpoint is False, None
     if keep == "blocks":
         keep, blocks = True, True
     elif keep == "auto":
         keep = True
         if method in ("autograd", "hybrid"):
             plan = _plan_memory(config, denoiser, decode, schedule, eta, sig, window, noise, latent,
-                                full_denoise, params.leaves)
+                                full_denoise, trainable)
         if plan is not None:
             keep, blocks = plan.stored_steps, plan.block_checkpointing
             store_decode = plan.stored_steps >= window and not blocks
-    segments = (segments_of(denoiser) + segments_of(decode)) if blocks else []
+    return MemoryMode(keep, blocks, store_decode, plan)
 
-    def render(current: DNONoise, graph: bool = False) -> tuple:
-        times = current.batch_size // batch
-        start = latent if latent is None or times == 1 else latent.repeat(times, *([1] * (latent.dim() - 1)))
-        out = sample(denoiser, current, sig, schedule, eta, start, full_denoise, window, keep)
-        if graph and not store_decode:
-            image = _checkpoint(decode, out)
-        else:
-            image = decode(out)
+
+class Render:
+    """Noise -> (final latent, image): the sampler and the decoder with the run's memory mode
+    and precision; ``renderer`` replays the graph-recording render as CUDA graphs where it can."""
+
+    def __init__(self, denoiser, decode, sig: List[float], schedule: NoiseSchedule, eta: float,
+                 latent: Optional[torch.Tensor], full_denoise: bool, window: int, mode: MemoryMode,
+                 params: TrainableNoise, config: DNOConfig, batch: int, device: torch.device,
+                 cuda_graphs: bool):
+        self.denoiser, self.decode, self.sig, self.schedule, self.eta = denoiser, decode, sig, schedule, eta
+        self.latent, self.full_denoise, self.window, self.mode = latent, full_denoise, window, mode
+        self.params, self.config, self.batch, self.device = params, config, batch, device
+        self.segments = (segments_of(denoiser) + segments_of(decode)) if mode.blocks else []
+        self.renderer = make_render(self.current, params.leaves, device, cuda_graphs)
+
+    def __call__(self, noise: DNONoise, graph: bool = False) -> tuple:
+        times = noise.batch_size // self.batch
+        start = self.latent
+        if start is not None and times > 1:
+            start = start.repeat(times, *([1] * (start.dim() - 1)))
+        out = sample(self.denoiser, noise, self.sig, self.schedule, self.eta, start, self.full_denoise,
+                     self.window, self.mode.keep)
+        image = _checkpoint(self.decode, out) if graph and not self.mode.store_decode else self.decode(out)
         return out, image
 
-    def sampler_autocast():
-        return autocast(config.sampler_precision, device)
+    def current(self) -> tuple:
+        """What the render (eager or replayed as CUDA graphs) computes from the trainable leaves."""
+        with autocast(self.config.sampler_precision, self.device):
+            return self(self.params.assemble(), graph=torch.is_grad_enabled())
 
-    def render_current() -> tuple:
-        # what the render (eager or replayed as CUDA graphs) computes from the trainable leaves
-        with sampler_autocast():
-            return render(params.assemble(), graph=torch.is_grad_enabled())
+    def image_only(self, noise: DNONoise) -> torch.Tensor:
+        """A perturbed sample's image, without a graph (the estimators' renders)."""
+        with autocast(self.config.sampler_precision, self.device):
+            return self(noise)[1]
 
-    def score(images: torch.Tensor) -> torch.Tensor:
-        times = images.shape[0] // batch
-        return checked_reward(reward, images, tile_prompts(prompts, times), images.shape[0])
 
-    def render_only(current: DNONoise) -> torch.Tensor:
-        with sampler_autocast():
-            return render(current)[1]
+class Scorer:
+    """The reward of a batch of images (the batch tiled for the estimators), one score each."""
 
-    renderer = make_render(render_current, params.leaves, device,
-                           config.cuda_graphs and method in ("autograd", "hybrid"))
+    def __init__(self, reward, prompts: Optional[Sequence[str]], batch: int):
+        self.reward, self.prompts, self.batch = reward, prompts, batch
 
-    history: List[StepRecord] = []
-    best = {}
-    rendered = 0
-    stop_reason = "completed"
-    started = time.perf_counter()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        times = images.shape[0] // self.batch
+        return checked_reward(self.reward, images, tile_prompts(self.prompts, times), images.shape[0])
 
-    def result() -> Optional[DNOResult]:
+
+class Best:
+    """The best sample so far per image, and the run's result from it."""
+
+    def __init__(self):
+        self.kept = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.kept)
+
+    def update(self, step: int, reward: torch.Tensor, latent: torch.Tensor, image: torch.Tensor,
+               noise: DNONoise) -> None:
+        """Keep this sample for the images where its reward beats the best so far."""
+        best = self.kept
         if not best:
-            return None
-        return DNOResult(best["latent"], best["image"], best["noise"], best["reward"], best["initial"],
-                         best["step"], history, stop_reason, rendered, plan, dict(renderer.info))
+            best.update(reward=reward.clone(), initial=reward.clone(), latent=latent.clone(),
+                        image=image.clone(), noise=noise.clone(),
+                        step=torch.zeros_like(reward, dtype=torch.long))
+            return
+        better = reward > best["reward"]
+        view = lambda t: better.view((-1,) + (1,) * (t.dim() - 1))
+        best["reward"] = torch.where(better, reward, best["reward"])
+        best["latent"] = torch.where(view(latent), latent, best["latent"])
+        best["image"] = torch.where(view(image), image, best["image"])
+        best["noise"] = noise.select(better, best["noise"])
+        best["step"] = torch.where(better, torch.full_like(best["step"], step), best["step"])
 
+    @property
+    def reward(self) -> torch.Tensor:
+        return self.kept["reward"]
+
+    def result(self, history: List[StepRecord], stop: str, rendered: int, render: Render) -> Optional[DNOResult]:
+        b = self.kept
+        if not b:
+            return None
+        return DNOResult(b["latent"], b["image"], b["noise"], b["reward"], b["initial"], b["step"], history,
+                         stop, rendered, render.mode.plan, dict(render.renderer.info))
+
+
+def stop_reason(config: DNOConfig, step: int, best: Best, history: List[StepRecord],
+                started: float) -> Optional[str]:
+    """Why the run stops after scoring sample ``step`` (before its update), or None to go on."""
+    if config.target_reward is not None and bool((best.reward >= config.target_reward).all()):
+        return f"target reward {config.target_reward} reached at step {step}"
+    elapsed = time.perf_counter() - started
+    if config.time_budget is not None and elapsed + _next_iteration_estimate(history) > config.time_budget:
+        return f"time budget of {config.time_budget}s reached after {step} updates"
+    return None
+
+
+def estimate_gradient(method: str, render: Render, scorer: Scorer, params: TrainableNoise,
+                      image: torch.Tensor, image_leaf: torch.Tensor, value: torch.Tensor,
+                      reward_now: torch.Tensor, config: DNOConfig, generator: torch.Generator, scaled):
+    """The reward's gradient for this update: ``(grad_image, estimate, renders)``.
+
+    ``grad_image`` is d(-reward)/d(image), scaled for fp16, for the render's backward (autograd:
+    through the reward; hybrid: the zeroth-order estimate in image space); ``estimate`` is
+    zeroth-order's estimate per noise leaf. ``renders`` counts the perturbed images rendered.
+    """
+    if method == "autograd":
+        return torch.autograd.grad(scaled(-value.sum()), image_leaf)[0], None, 0
+    if method == "hybrid":
+        g, count = hybrid_gradient(render.image_only, scorer, params, image, reward_now, config.mu,
+                                   config.q, config.estimator_batch, generator)
+        return scaled(-g.to(image.dtype)), None, count
+    estimate, count = zeroth_order_gradient(render.image_only, scorer, params, reward_now, config.mu,
+                                            config.q, config.estimator_batch, generator)
+    return None, estimate, count
+
+
+def update(params: TrainableNoise, optimizer: torch.optim.Optimizer, scaler, render: Render,
+           grad_image: Optional[torch.Tensor], estimate, terms: Optional[RegularizerTerms],
+           regularizer: Optional[ProbabilityRegularizer], config: DNOConfig, scaled) -> bool:
+    """One optimiser step from the reward's gradient and the regulariser's; False (no step) when a
+    gradient is not finite."""
+    if grad_image is not None:
+        render.renderer.backward(grad_image)
+    with_regularizer = terms is not None and regularizer.gamma > 0
+    if with_regularizer:
+        scaled(regularizer.gamma * terms.loss.sum()).backward()
+    has_grad = grad_image is not None or with_regularizer
+    if scaler is not None and has_grad:
+        scaler.unscale_(optimizer)
+    if estimate is not None:
+        # an estimate alone is unscaled by scaler.step(): hand it over in scaled units
+        factor = scaler.get_scale() if scaler is not None and not has_grad else 1.0
+        for leaf, g in zip(params.leaves, estimate):
+            leaf.grad = -g * factor if leaf.grad is None else leaf.grad - g
+    if scaler is None and not all(bool(torch.isfinite(t.grad).all())
+                                  for t in params.leaves if t.grad is not None):
+        return False
+    if config.max_grad_norm is not None:
+        norm = params.per_sample_grad_norm()
+        params.scale_grads((config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return True
+
+
+def run_updates(render: Render, scorer: Scorer, params: TrainableNoise, method: str, config: DNOConfig,
+                regularizer: Optional[ProbabilityRegularizer], callback, modules) -> DNOResult:
+    """The loop: score the current sample, keep it if best, report, stop or update; every exit
+    keeps the best sample found (see the module doc)."""
+    device, batch = render.device, render.batch
+    optimizer = torch.optim.AdamW(params.leaves, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = grad_scaler(config.precision, device)
+    scaled = (lambda t: t) if scaler is None else scaler.scale
+    generator = torch.Generator(device=device).manual_seed(int(config.seed))
+    history: List[StepRecord] = []
+    best = Best()
+    rendered, stop, started = 0, "completed", time.perf_counter()
     scopes = contextlib.ExitStack()
     try:
         # Around the whole loop: the blocks must stay patched through every backward pass.
-        scopes.enter_context(checkpointed_blocks(segments))
+        scopes.enter_context(checkpointed_blocks(render.segments))
         # Gradients flow to the noise only: weights of module callables get none, and their
         # convolutions need not keep their inputs (see frozen.py).
-        scopes.enter_context(noise_only_backward((denoiser, decode, reward)))
+        scopes.enter_context(noise_only_backward(modules))
         for it in range(int(config.steps) + 1):
             last = it == int(config.steps)
             graph = not last and method in ("autograd", "hybrid")
-            out, image = renderer.forward(graph)
+            out, image = render.renderer.forward(graph)
             with torch.no_grad():
                 current = params.assemble()     # the noise of this sample, kept if it is the best
             # the reward's own graph starts at the image; the render's backward takes its gradient
             image_leaf = image.requires_grad_(True) if graph and method == "autograd" else image
             with torch.set_grad_enabled(graph and method == "autograd"), autocast(config.precision, device):
-                value = score(image_leaf)
+                value = scorer(image_leaf)
             rendered += batch
             reward_now = value.detach()
-            finite = bool(torch.isfinite(reward_now).all())
-            if not finite and it == 0:
-                raise DNOError(f"reward {reward_name(reward)!r} returned a "
-                               f"non-finite value for the unoptimised sample ({reward_now.tolist()}); "
-                               "check the reward and the model's output")
-            if not finite:
-                stop_reason = f"non-finite reward at step {it}; kept the best sample so far"
+            if not bool(torch.isfinite(reward_now).all()):
+                if it == 0:
+                    raise DNOError(f"reward {reward_name(scorer.reward)!r} returned a non-finite value for "
+                                   f"the unoptimised sample ({reward_now.tolist()}); check the reward and "
+                                   "the model's output")
+                stop = f"non-finite reward at step {it}; kept the best sample so far"
                 break
-
             terms = None
             if regularizer is not None:
                 with torch.set_grad_enabled(not last):
                     terms = regularizer.terms(params.flat())
-
-            _update_best(best, it, reward_now, out, image.detach(), current.detach())
+            best.update(it, reward_now, out, image.detach(), current.detach())
             history.append(StepRecord(
                 it, reward_now.tolist(),
                 None if terms is None else terms.loss.detach().tolist(),
                 None if terms is None else terms.probability.detach().tolist(),
                 time.perf_counter() - started))
             if callback is not None:
-                callback(StepInfo(it, int(config.steps), reward_now, best["reward"],
+                callback(StepInfo(it, int(config.steps), reward_now, best.reward,
                                   None if terms is None else terms.detach(), out,
                                   image.detach(), current.detach(), time.perf_counter() - started))
             if last:
                 break
-            if config.target_reward is not None and bool((best["reward"] >= config.target_reward).all()):
-                stop_reason = f"target reward {config.target_reward} reached at step {it}"
+            reason = stop_reason(config, it, best, history, started)
+            if reason is not None:
+                stop = reason
                 break
-            elapsed = time.perf_counter() - started
-            if config.time_budget is not None and elapsed + _next_iteration_estimate(history) > config.time_budget:
-                stop_reason = f"time budget of {config.time_budget}s reached after {it} updates"
-                break
-
             optimizer.zero_grad(set_to_none=True)
-            grad_image = None       # d(-reward)/d(image), scaled for fp16; the render takes it back
-            estimate = None
-            if method == "autograd":
-                loss = -value.sum()
-                grad_image = torch.autograd.grad(scaled(loss), image_leaf)[0]
-            elif method == "hybrid":
-                g, count = hybrid_gradient(render_only, score, params, image, reward_now, config.mu,
-                                           config.q, config.estimator_batch, generator)
-                rendered += count
-                grad_image = scaled(-g.to(image.dtype))
-            else:
-                estimate, count = zeroth_order_gradient(render_only, score, params, reward_now, config.mu,
-                                                        config.q, config.estimator_batch, generator)
-                rendered += count
-            if grad_image is not None:
-                renderer.backward(grad_image)
-            if terms is not None and regularizer.gamma > 0:
-                reg = regularizer.gamma * terms.loss.sum()
-                scaled(reg).backward()
-            has_grad = grad_image is not None or (terms is not None and regularizer.gamma > 0)
-            if scaler is not None and has_grad:
-                scaler.unscale_(optimizer)
-            if estimate is not None:
-                # an estimate alone is unscaled by scaler.step(): hand it over in scaled units
-                factor = scaler.get_scale() if scaler is not None and not has_grad else 1.0
-                for leaf, g in zip(params.leaves, estimate):
-                    leaf.grad = -g * factor if leaf.grad is None else leaf.grad - g
-            del grad_image, value, image, image_leaf, out, current
-            if scaler is None and not all(bool(torch.isfinite(t.grad).all())
-                                          for t in params.leaves if t.grad is not None):
-                stop_reason = f"non-finite gradient at step {it}; kept the best sample so far"
+            grad_image, estimate, count = estimate_gradient(method, render, scorer, params, image, image_leaf,
+                                                            value, reward_now, config, generator, scaled)
+            rendered += count
+            del value, image, image_leaf, out, current
+            if not update(params, optimizer, scaler, render, grad_image, estimate, terms, regularizer,
+                          config, scaled):
+                stop = f"non-finite gradient at step {it}; kept the best sample so far"
                 break
-            if config.max_grad_norm is not None:
-                norm = params.per_sample_grad_norm()
-                params.scale_grads((config.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-    except StopOptimization as stop:
+            del grad_image, estimate
+    except StopOptimization as stopped:
         if not best:        # stopped before the first sample was scored: nothing to return
             raise
-        stop_reason = f"stopped by callback at step {len(history) - 1}" + (f": {stop}" if str(stop) else "")
-    except torch.cuda.OutOfMemoryError as error:
+        stop = f"stopped by callback at step {len(history) - 1}" + (f": {stopped}" if str(stopped) else "")
+    except torch.cuda.OutOfMemoryError:
         if not best:        # nothing to keep: the caller says what to lower
             raise
         # A later, larger graph ran out (a bigger estimator batch, fragmentation): keep what was found.
-        stop_reason = (f"out of GPU memory after {len(history)} scored samples; kept the best sample so far "
-                       "(lower the resolution or batch size, or use a low-memory mode)")
+        stop = (f"out of GPU memory after {len(history)} scored samples; kept the best sample so far "
+                "(lower the resolution or batch size, or use a low-memory mode)")
     except BaseException as error:
         # Interrupts (ComfyUI's Cancel, Ctrl-C, an OOM) keep what was found.
-        error.dno_result = result()
+        error.dno_result = best.result(history, stop, rendered, render)
         if isinstance(error, DNOError) and error.result is None:
             error.result = error.dno_result
         raise
     finally:
         optimizer.zero_grad(set_to_none=True)
-        renderer.release()
+        render.renderer.release()
         scopes.close()
-    return result()
+    return best.result(history, stop, rendered, render)
 
 
-def optimised_noises(schedule: NoiseSchedule, sig: List[float], eta: float, window: int,
+def optimized_noises(schedule: NoiseSchedule, sig: List[float], eta: float, window: int,
                      has_step_noise: bool = True) -> Tuple[List[int], bool]:
     """Which noises ``window`` = K (the paper's ``opt_time``) optimises: (step indices, x_T?).
 
@@ -494,19 +611,3 @@ def _next_iteration_estimate(history: List[StepRecord]) -> float:
     if len(history) >= 2:
         return (history[-1].elapsed - history[0].elapsed) / (len(history) - 1)
     return 4.0 * history[0].elapsed
-
-
-def _update_best(best: dict, step: int, reward: torch.Tensor, latent: torch.Tensor,
-                 image: torch.Tensor, noise: DNONoise) -> None:
-    if not best:
-        best.update(reward=reward.clone(), initial=reward.clone(), latent=latent.clone(),
-                    image=image.clone(), noise=noise.clone(),
-                    step=torch.zeros_like(reward, dtype=torch.long))
-        return
-    better = reward > best["reward"]
-    view = lambda t: better.view((-1,) + (1,) * (t.dim() - 1))
-    best["reward"] = torch.where(better, reward, best["reward"])
-    best["latent"] = torch.where(view(latent), latent, best["latent"])
-    best["image"] = torch.where(view(image), image, best["image"])
-    best["noise"] = noise.select(better, best["noise"])
-    best["step"] = torch.where(better, torch.full_like(best["step"], step), best["step"])

@@ -126,7 +126,7 @@ def test_hybrid_estimate_aligns_with_exact_gradient():
     sig = vp_sigmas(4)
     noise = DNONoise.from_seed((1, 4, 4, 4), 4, seed=4, sde=False)
     reward = Brightness()
-    params = TrainableNoise(noise, [], optimise_x_T=True)
+    params = TrainableNoise(noise, [], optimize_x_T=True)
 
     def render(nz):
         return to_image(sample(den, nz, sig, VP, 0.0))

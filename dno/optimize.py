@@ -21,7 +21,7 @@ import torch
 from .checkpointing import checkpoint as _checkpoint, checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
 from .frozen import noise_only_backward
-from .gradients import hybrid_gradient, zeroth_order_gradient
+from .gradients import EstimatorShare, hybrid_gradient, zeroth_order_gradient
 from .graphed import make_render
 from .memory import (DEFAULT_STORED_BYTES, GIB, MemoryPlan, activation_cost, default_budget_bytes,
                      plan_stored_steps)
@@ -179,8 +179,13 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
              prompts: Optional[Sequence[str]] = None, latent: Optional[torch.Tensor] = None,
              full_denoise: bool = True, config: Optional[DNOConfig] = None,
              regularizer: Optional[ProbabilityRegularizer] = None,
-             callback: Optional[Callable[[StepInfo], None]] = None) -> DNOResult:
-    """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc."""
+             callback: Optional[Callable[[StepInfo], None]] = None,
+             estimator_share: Optional[EstimatorShare] = None) -> DNOResult:
+    """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc.
+
+    ``estimator_share``: this process's part of the hybrid / zeroth-order renders when several
+    processes run the same optimisation (``dno.distributed``); None renders all of them here.
+    """
     config = config or DNOConfig()
     config.validate()
     if config.precision == AUTO:    # fp32 on a CPU, the denoiser's dtype on a GPU
@@ -333,12 +338,13 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                 grad_image = torch.autograd.grad(scaled(loss), image_leaf)[0]
             elif method == "hybrid":
                 g, count = hybrid_gradient(render_only, score, params, image, reward_now, config.mu,
-                                           config.q, config.estimator_batch, generator)
+                                           config.q, config.estimator_batch, generator, estimator_share)
                 rendered += count
                 grad_image = scaled(-g.to(image.dtype))
             else:
                 estimate, count = zeroth_order_gradient(render_only, score, params, reward_now, config.mu,
-                                                        config.q, config.estimator_batch, generator)
+                                                        config.q, config.estimator_batch, generator,
+                                                        estimator_share)
                 rendered += count
             if grad_image is not None:
                 renderer.backward(grad_image)

@@ -20,7 +20,7 @@ from ..optimize import DNOConfig, DNOResult, StepInfo, optimize
 from ..precision import AUTO, resolve_precision
 from ..regularizer import ProbabilityRegularizer
 from .noise import SOURCES, comfyui_noise, diffusers_noise, generators_for
-from .pipelines import PipelineParts, build_parts, call_default
+from .pipelines import PipelineParts, build_parts, call_default, pipeline_family
 
 log = logging.getLogger("DNO")
 
@@ -153,6 +153,7 @@ def optimize_pipeline(pipe, prompt: Union[str, Sequence[str]], reward, *, opt_st
     Returns a :class:`PipelineResult`: the best image per sample, its latents, the unoptimised
     image and the core's result (noise, rewards, history, stop reason).
     """
+    pipeline_family(pipe)       # a clear error for anything but the four pipeline classes
     prompts = _as_list(prompt, "prompt")
     if not prompts:
         raise DNOError("prompt is empty: give the text to generate (a string or a list of strings)")

@@ -39,6 +39,7 @@ from ..schedule import FLOW, FLOW_RF, VP, NoiseSchedule
 log = logging.getLogger("DNO")
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+_TOLD = set()
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,8 +94,10 @@ def sampling_scheduler(scheduler, eta: float, flow: bool):
     if isinstance(scheduler, known):
         return type(scheduler).from_config(scheduler.config)
     chosen = flow_euler if flow else (ancestral if eta > 0 else euler)
-    log.info("DNO: the pipeline's %s is not a DDIM / Euler sampler; DNO samples DDIM(eta=%g) on the "
-             "sigmas of %s built from its config", type(scheduler).__name__, eta, chosen.__name__)
+    if (type(scheduler), chosen) not in _TOLD:        # once per process, not once per job
+        _TOLD.add((type(scheduler), chosen))
+        log.info("DNO: the pipeline's %s is not a DDIM / Euler sampler; DNO samples DDIM(eta=%g) on the "
+                 "sigmas of %s built from its config", type(scheduler).__name__, eta, chosen.__name__)
     return chosen.from_config(scheduler.config)
 
 

@@ -268,7 +268,10 @@ def _run(args, processes: distributed.Processes) -> int:
         interrupted = True
     if main:
         records = store.read()
-        plot_rewards(records, store.folder / PLOT, f"{args.reward}: {len(records)} results")
+        try:
+            plot_rewards(records, store.folder / PLOT, f"{args.reward}: {len(records)} results")
+        except ImportError:
+            print(f"DNO: no {PLOT}: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         summary = {"world": processes.world, "parallel": args.parallel if processes.distributed else None,
                    "jobs": len(jobs), "done_before": skipped, "ran": finished - skipped,
                    "seconds": round(time.time() - started, 3), "device": str(processes.device),

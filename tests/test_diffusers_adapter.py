@@ -211,3 +211,15 @@ def test_flux_true_cfg_and_distilled_guidance():
     out = adapter(pipe, "flux", negative_prompt="blurry", true_cfg_scale=2.0, eta=0.0)
     torch.testing.assert_close(out.latents, latents, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(latents, pipeline_output(pipe, "flux"), atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_on_cuda_fp16_reproduces_the_pipeline_and_replays_the_render_as_cuda_graphs():
+    pipe = tiny_sd("euler_ancestral").to("cuda", torch.float16)
+    latents = pipeline_output(pipe, "sd")
+    out = adapter(pipe, "sd")
+    torch.testing.assert_close(out.latents.float(), latents.float(), rtol=2e-2, atol=2e-2)
+    out = adapter(pipe, "sd", opt_steps=3, lr=0.1)
+    info = out.result.render_info
+    assert info.get("cuda_graphs") is True, info            # the diffusers UNet and VAE capture as graphs
+    assert float(out.best_reward) > out.history[0].reward[0]

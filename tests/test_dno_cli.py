@@ -152,9 +152,13 @@ def test_resume_with_other_settings_and_bad_input_are_refused(pipeline, tmp_path
     proc = subprocess.run(command(tmp_path, prompts, tmp_path / "f", "--reward", "brightness"),
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env())
     assert proc.returncode == 2 and "no model_index.json there" in proc.stderr
-    proc = subprocess.run(command(pipeline, prompts, tmp_path / "g", "--reward", "aesthetic"),
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env())
-    assert proc.returncode == 2 and "needs the LAION aesthetic MLP" in proc.stderr
+    from dno.rewards.loading import RewardFileError
+    from dno.rewards.named import NAMES, reward_from_name
+    from dno.cli import REWARDS
+    assert set(REWARDS) == set(NAMES)
+    with pytest.raises(RewardFileError, match="needs the LAION aesthetic MLP .* as --reward-file"):
+        reward_from_name("aesthetic", reward_file="mlp.pth")
+    assert reward_from_name("jpeg-compressibility", jpeg_quality=80).quality == 80
 
 
 def test_seed_lists_and_ranges():

@@ -3,7 +3,7 @@
 Torch only; no ComfyUI import. See README.md for the five-line API.
 """
 from .errors import DNOError, StopOptimization
-from .gradients import hybrid_gradient, zeroth_order_gradient
+from .gradients import EstimatorShare, hybrid_gradient, zeroth_order_gradient
 from .noise import DNONoise, TrainableNoise
 from .optimize import DNOConfig, DNOResult, StepInfo, StepRecord, optimize
 from .regularizer import ProbabilityRegularizer, RegularizerTerms, block_log_probs
@@ -14,5 +14,5 @@ __all__ = [
     "DNOError", "StopOptimization", "DNONoise", "TrainableNoise", "DNOConfig", "DNOResult",
     "StepInfo", "StepRecord", "optimize", "ProbabilityRegularizer", "RegularizerTerms",
     "block_log_probs", "ddim_coefficients", "ddim_step", "sample", "VP", "FLOW", "FLOW_RF",
-    "NoiseSchedule", "get_schedule", "hybrid_gradient", "zeroth_order_gradient",
+    "NoiseSchedule", "get_schedule", "hybrid_gradient", "zeroth_order_gradient", "EstimatorShare",
 ]

@@ -16,10 +16,17 @@
 ``render(noise) -> image`` and ``score(image) -> reward[B']`` may be called
 with the batch tiled several times; the perturbed samples are rendered
 ``chunk`` copies of the batch at a time.
+
+An :class:`EstimatorShare` spreads the q renders over several processes (one
+GPU each, ``dno.distributed``): every process draws the same perturbations
+in the same chunks, renders only its own chunks, and the partial sums are
+added up across processes, so each ends with the estimate one process would
+have computed.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -29,45 +36,72 @@ Render = Callable[[DNONoise], torch.Tensor]
 Score = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class EstimatorShare:
+    """This process's part of an estimate whose perturbed renders are spread over ``count`` processes.
+
+    Chunk c of the perturbations (``chunk`` copies of the batch each) is rendered by process
+    c % count; ``reduce`` sums a partial estimate over all processes (an all-reduce) and returns it.
+    """
+    index: int
+    count: int
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+
+    def owns(self, chunk_index: int) -> bool:
+        return chunk_index % self.count == self.index
+
+
 def _perturbed_rewards(render: Render, score: Score, params: TrainableNoise, mu: float,
-                       q: int, chunk: int, generator: torch.Generator):
-    """Yield (rewards (m, B), images (m, B, ...), deltas per leaf) for chunks of m perturbations."""
+                       q: int, chunk: int, generator: torch.Generator,
+                       share: Optional[EstimatorShare] = None):
+    """Yield (rewards (m, B), images (m, B, ...), deltas per leaf) for chunks of m perturbations.
+
+    With a ``share``, the chunks of other processes are drawn (so the generator advances as in a
+    single process) but neither rendered nor yielded.
+    """
     batch = params.batch_size
     done = 0
+    index = 0
     while done < q:
         m = min(chunk, q - done)
         noise, deltas = params.perturbations(m, mu, generator)
-        with torch.no_grad():
-            images = render(noise)
-            rewards = score(images).float()
-        yield rewards.view(m, batch), images.view((m, batch) + tuple(images.shape[1:])), deltas, m
+        if share is None or share.owns(index):
+            with torch.no_grad():
+                images = render(noise)
+                rewards = score(images).float()
+            yield rewards.view(m, batch), images.view((m, batch) + tuple(images.shape[1:])), deltas, m
         done += m
+        index += 1
 
 
 def hybrid_gradient(render: Render, score: Score, params: TrainableNoise, image: torch.Tensor,
                     reward: torch.Tensor, mu: float = 0.01, q: int = 16, chunk: int = 4,
-                    generator: torch.Generator = None) -> Tuple[torch.Tensor, int]:
+                    generator: torch.Generator = None,
+                    share: Optional[EstimatorShare] = None) -> Tuple[torch.Tensor, int]:
     """Hybrid-2 estimate of d reward / d image for each sample (same shape as ``image``).
 
-    Returns the estimate and the number of images rendered for it.
+    Returns the estimate and the number of images rendered for it (by all processes of a ``share``).
     """
     image0 = image.detach().float()
     reward0 = reward.detach().float()
     grad = torch.zeros_like(image0)
-    for rewards, images, _, _ in _perturbed_rewards(render, score, params, mu, q, chunk, generator):
+    for rewards, images, _, _ in _perturbed_rewards(render, score, params, mu, q, chunk, generator, share):
         diff_r = rewards - reward0                       # (m, B)
         diff_x = images.float() - image0                 # (m, B, ...)
         grad += (diff_r.view(diff_r.shape + (1,) * (image0.dim() - 1)) * diff_x).sum(0)
+    if share is not None:
+        grad = share.reduce(grad)
     return grad / (q * mu * mu), q * params.batch_size
 
 
 def zeroth_order_gradient(render: Render, score: Score, params: TrainableNoise,
                           reward: torch.Tensor, mu: float = 0.01, q: int = 16, chunk: int = 4,
-                          generator: torch.Generator = None) -> Tuple[List[torch.Tensor], int]:
+                          generator: torch.Generator = None,
+                          share: Optional[EstimatorShare] = None) -> Tuple[List[torch.Tensor], int]:
     """Zeroth-order estimate of d reward / d noise, one tensor per trainable leaf."""
     reward0 = reward.detach().float()
     grads = [torch.zeros_like(t, dtype=torch.float32) for t in params.leaves]
-    for rewards, _, deltas, m in _perturbed_rewards(render, score, params, mu, q, chunk, generator):
+    for rewards, _, deltas, m in _perturbed_rewards(render, score, params, mu, q, chunk, generator, share):
         diff_r = rewards - reward0                       # (m, B)
         for i, delta in enumerate(deltas):
             axis = params.batch_axis(i)
@@ -77,4 +111,6 @@ def zeroth_order_gradient(render: Render, score: Score, params: TrainableNoise,
             w_shape = [1] * d.dim()
             w_shape[axis], w_shape[axis + 1] = m, shape[axis]
             grads[i] += (d * diff_r.view(w_shape)).sum(axis)
+    if share is not None:
+        grads = [share.reduce(g) for g in grads]
     return [g / (q * mu) for g in grads], q * params.batch_size

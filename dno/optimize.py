@@ -22,7 +22,7 @@ import torch
 from .checkpointing import checkpoint as _checkpoint, checkpointed_blocks, segments_of
 from .errors import DNOError, StopOptimization
 from .frozen import noise_only_backward
-from .gradients import hybrid_gradient, zeroth_order_gradient
+from .gradients import EstimatorShare, hybrid_gradient, zeroth_order_gradient
 from .graphed import make_render
 from .memory import (DEFAULT_STORED_BYTES, GIB, MemoryPlan, activation_cost, default_budget_bytes,
                      measure_within,
@@ -188,8 +188,12 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
              prompts: Optional[Sequence[str]] = None, latent: Optional[torch.Tensor] = None,
              full_denoise: bool = True, config: Optional[DNOConfig] = None,
              regularizer: Optional[ProbabilityRegularizer] = None,
-             callback: Optional[Callable[[StepInfo], None]] = None) -> DNOResult:
+             callback: Optional[Callable[[StepInfo], None]] = None,
+             estimator_share: Optional[EstimatorShare] = None) -> DNOResult:
     """Optimise ``noise`` to maximise ``reward(decode(sample(noise)))``; see the module doc.
+
+    ``estimator_share``: this process's part of the hybrid / zeroth-order renders when several
+    processes run the same optimisation (``dno.distributed``); None renders all of them here.
 
     The pieces, each on its own below: :func:`prepare_config`, :func:`trainable_noise`,
     :func:`memory_mode` (the plan), :class:`Render` (what one sample costs), the loop with
@@ -213,7 +217,7 @@ def optimize(denoiser: Denoiser, sigmas, reward, decode: Callable[[torch.Tensor]
                     noise.batch_size, noise.x_T.device, config.cuda_graphs and method in ("autograd", "hybrid"))
     scorer = Scorer(reward, prompts, noise.batch_size)
     return run_updates(render, scorer, params, method, config, regularizer, callback,
-                       (denoiser, decode, reward))
+                       (denoiser, decode, reward), estimator_share)
 
 
 def prepare_config(config: Optional[DNOConfig], noise: DNONoise, denoiser) -> DNOConfig:
@@ -374,7 +378,8 @@ def stop_reason(config: DNOConfig, step: int, best: Best, history: List[StepReco
 
 def estimate_gradient(method: str, render: Render, scorer: Scorer, params: TrainableNoise,
                       image: torch.Tensor, image_leaf: torch.Tensor, value: torch.Tensor,
-                      reward_now: torch.Tensor, config: DNOConfig, generator: torch.Generator, scaled):
+                      reward_now: torch.Tensor, config: DNOConfig, generator: torch.Generator, scaled,
+                      share: Optional[EstimatorShare] = None):
     """The reward's gradient for this update: ``(grad_image, estimate, renders)``.
 
     ``grad_image`` is d(-reward)/d(image), scaled for fp16, for the render's backward (autograd:
@@ -385,10 +390,10 @@ def estimate_gradient(method: str, render: Render, scorer: Scorer, params: Train
         return torch.autograd.grad(scaled(-value.sum()), image_leaf)[0], None, 0
     if method == "hybrid":
         g, count = hybrid_gradient(render.image_only, scorer, params, image, reward_now, config.mu,
-                                   config.q, config.estimator_batch, generator)
+                                   config.q, config.estimator_batch, generator, share)
         return scaled(-g.to(image.dtype)), None, count
     estimate, count = zeroth_order_gradient(render.image_only, scorer, params, reward_now, config.mu,
-                                            config.q, config.estimator_batch, generator)
+                                            config.q, config.estimator_batch, generator, share)
     return None, estimate, count
 
 
@@ -425,7 +430,8 @@ def update(params: TrainableNoise, optimizer: torch.optim.Optimizer, scaler, ren
 
 
 def run_updates(render: Render, scorer: Scorer, params: TrainableNoise, method: str, config: DNOConfig,
-                regularizer: Optional[ProbabilityRegularizer], callback, modules) -> DNOResult:
+                regularizer: Optional[ProbabilityRegularizer], callback, modules,
+                share: Optional[EstimatorShare] = None) -> DNOResult:
     """The loop: score the current sample, keep it if best, report, stop or update; every exit
     keeps the best sample found (see the module doc)."""
     device, batch = render.device, render.batch
@@ -484,7 +490,7 @@ def run_updates(render: Render, scorer: Scorer, params: TrainableNoise, method: 
                 break
             optimizer.zero_grad(set_to_none=True)
             grad_image, estimate, count = estimate_gradient(method, render, scorer, params, image, image_leaf,
-                                                            value, reward_now, config, generator, scaled)
+                                                            value, reward_now, config, generator, scaled, share)
             rendered += count
             del value, image, image_leaf, out, current
             if not update(params, optimizer, scaler, render, grad_image, estimate, terms, regularizer,

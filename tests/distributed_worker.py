@@ -28,7 +28,7 @@ class NoGradBrightness(Brightness):
 
 def problem():
     noise = DNONoise.from_seed((2, 4, 6, 6), 4, seed=3, sde=True)
-    params = TrainableNoise(noise, [0, 1, 2], optimise_x_T=True)
+    params = TrainableNoise(noise, [0, 1, 2], optimize_x_T=True)
     return ToyDenoiser("eps"), params
 
 

@@ -1,6 +1,6 @@
 """Import ComfyUI in-process for the benchmark, on the GPU (or the CPU with ``cpu=True``).
 
-The tests' harness (tests/comfy_host.py) forces the CPU; the benchmark needs
+The tests' harness (harness/comfy_host.py) forces the CPU; the benchmark needs
 ComfyUI's own device choice. ``comfy.cli_args.args`` must be set before
 ``comfy.model_management`` is imported, so this is the first ComfyUI import.
 """
@@ -43,8 +43,7 @@ def import_comfy(cpu: bool = False):
 def load_node_pack():
     """This repository as ComfyUI loads a custom node (a package named ``comfyui_dno``);
     the same loader the tests use."""
-    tests = str(REPO_ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from node_pack import load_node_pack as load
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from harness.node_pack import load_node_pack as load
     return load()

@@ -39,7 +39,6 @@ from demo import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO_ROOT / "example_workflows" / "api"
-HARNESS_PATH = REPO_ROOT / "tests" / "comfy_host.py"
 DEFAULT_WORKFLOW = "dno_txt2img_ksampler"
 DEFAULT_OUT = REPO_ROOT / "outputs" / "comfy"
 
@@ -278,18 +277,15 @@ def needed_input_images(api: dict) -> list[str]:
 # --------------------------------------------------------------------------- host
 
 def load_harness():
-    """tests/comfy_host.py, the reusable real-host harness (imported by path, shared with pytest)."""
-    module = sys.modules.get("comfy_host")
-    if module is not None:
-        return module
-    if not HARNESS_PATH.is_file():
-        raise ComfyRunError(f"the ComfyUI host harness {HARNESS_PATH} is missing; this script needs "
-                            "the repository's tests/ folder.")
-    spec = importlib.util.spec_from_file_location("comfy_host", HARNESS_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfy_host"] = module
-    spec.loader.exec_module(module)
-    return module
+    """harness/comfy_host.py, the reusable real-host harness (shared with the tests and the bench)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        from harness import comfy_host
+    except ImportError as error:
+        raise ComfyRunError(f"the ComfyUI host harness (harness/comfy_host.py) could not be imported: {error}; "
+                            "this script needs the repository's harness/ folder.") from error
+    return comfy_host
 
 
 def resolve_host(harness, comfyui: Optional[Path]) -> Path:

@@ -1,7 +1,7 @@
 """Install the requirements of the ComfyUI host the tests run against, from the host's own file.
 
 The host is ``$COMFYUI_PATH`` (a user's own ComfyUI) or the pinned ComfyUI fetched into
-``.cache/comfyui`` (tests/comfy_host.py). Its ``requirements.txt`` is installed as it stands, less
+``.cache/comfyui`` (harness/comfy_host.py). Its ``requirements.txt`` is installed as it stands, less
 the torch family: torch and torchvision are pinned by requirements-test.txt (ComfyUI leaves them
 unpinned, and pip would otherwise be free to replace the pinned pair), and torchaudio is left out
 (ComfyUI runs without it, warning only that two audio models are unavailable; no wheel of it is

@@ -15,7 +15,7 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 if ! python3 -c "import playwright" 2>/dev/null; then
-    "${PIP[@]}" playwright
+    "${PIP[@]}" "playwright==1.65.2"   # the version the browser tests have run on
 fi
 
 if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("comfyui-frontend-package"))' 2>/dev/null)" != "1.32.9" ]; then

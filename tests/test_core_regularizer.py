@@ -109,16 +109,38 @@ def test_minimal_for_normal_noise_and_grows_off_distribution():
         assert t.probability.item() < 0.5, name
 
 
+def spikes_the_sequential_split_cannot_see(numbers: int = 4 * 32 * 32, per_position: int = 4) -> torch.Tensor:
+    """(1, numbers) noise whose sequential blocks of 4 have exactly mean 0 and covariance I: all zeros
+    but ``per_position`` spikes at each of the 4 block positions, one spike per block, half of them
+    positive, of size sqrt(n / per_position). Far from N(0, I) (mostly zeros), yet the sequential
+    split's bounds are both at their cap."""
+    n = numbers // 4
+    z = torch.zeros(numbers, dtype=torch.float64)
+    blocks = torch.randperm(n, generator=torch.Generator().manual_seed(3))[: 4 * per_position].tolist()
+    for i, block in enumerate(blocks):
+        position, sign = i % 4, 1.0 if (i // 4) % 2 == 0 else -1.0
+        z[4 * block + position] = sign * math.sqrt(n / per_position)
+    return z[None]
+
+
 def test_permutations_catch_structure_the_sequential_split_misses():
-    # Each block of 4 is (a, -a, b, -b)-like across blocks: sequential blocks look fine in mean
-    # but shuffled blocks break differently; the permuted penalty must be at least as large.
-    g = torch.Generator().manual_seed(2)
-    z = torch.randn(1, 4 * 32 * 32, generator=g)
-    z = torch.sort(z, dim=1).values                    # sorted: sequential blocks strongly structured
-    seq = ProbabilityRegularizer(k=1, permutations=0).terms(z).loss
-    both = ProbabilityRegularizer(k=1, permutations=8).terms(z).loss
-    assert seq.item() > 4 * math.log(2) + 1
-    assert torch.isfinite(both).all()
+    z = spikes_the_sequential_split_cannot_see()
+    blocks = z[0].view(-1, 4)
+    torch.testing.assert_close(blocks.mean(0), torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(blocks.T @ blocks / blocks.shape[0], torch.eye(4, dtype=torch.float64))
+    floor = 2 * math.log(2)                                     # one split at both caps
+    seq = ProbabilityRegularizer(k=1, permutations=0).terms(z).loss.item()
+    assert seq == pytest.approx(floor, abs=1e-6) and paper_penalty(z[0].numpy(), 1) == pytest.approx(floor)
+    # Shuffled, the spikes fall into blocks unevenly: the covariance of the permuted blocks is far
+    # from I. The permuted term is the paper's formula, in numpy, on the noise under each of the
+    # regulariser's seeded permutations (permutation j drawn from seed * 1_000_003 + j), averaged.
+    seed, permutations = 7, 8
+    both = ProbabilityRegularizer(k=1, permutations=permutations, seed=seed).terms(z).loss.item()
+    perms = [torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(seed * 1_000_003 + j)).numpy()
+             for j in range(permutations)]
+    permuted = float(np.mean([paper_penalty(z[0].numpy()[p], 1) for p in perms]))
+    assert both == pytest.approx(seq + permuted, rel=1e-5)
+    assert permuted > 5 * floor, permuted
 
 
 def test_gradient_pushes_back_toward_the_shell():

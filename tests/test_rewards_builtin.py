@@ -1,8 +1,6 @@
 """Weight-free rewards, JPEG sizes and weighted combinations."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -45,22 +43,51 @@ def test_unknown_builtin_is_rejected():
         BuiltinReward("sharpness")
 
 
-def _pil_jpeg_kb(image_chw, quality):
-    array = (image_chw * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
-    return len(buffer.getvalue()) / 1000.0
+def _pixels(seed=1, batch=3, size=24):
+    """8-bit images as the reward should see them: uint8 (B, H, W, 3), mixed smooth and noisy."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, size)[None, :, None] * np.ones((size, 1, 3))
+    noise = rng.integers(0, 256, (batch, size, size, 3))
+    mix = np.linspace(0.0, 1.0, batch)[:, None, None, None]       # flat ramp ... pure noise
+    return np.clip(np.round((1 - mix) * ramp + mix * noise), 0, 255).astype(np.uint8)
+
+
+def _ijg_luma_dc_step(quality):
+    """The first luminance quantisation step libjpeg derives from ``quality`` (IJG scaling of 16)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return max(1, (16 * scale + 50) // 100)
 
 
 @pytest.mark.parametrize("quality", [95, 50])
-def test_jpeg_rewards_are_the_jpeg_size(quality):
-    images = _images(seed=1)
-    sizes = torch.tensor([_pil_jpeg_kb(im, quality) for im in images])
+def test_jpeg_rewards_are_the_jpeg_file_size_in_kb(quality, tmp_path):
+    # The oracle: JPEG files written to disk from 8-bit pixels, their size read from the file system.
+    pixels = _pixels()
+    files = []
+    for i, array in enumerate(pixels):
+        files.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(array).save(files[-1], quality=quality)
+        with Image.open(files[-1]) as written:               # really a JPEG at that quality
+            assert written.format == "JPEG" and written.size == (array.shape[1], array.shape[0])
+            assert written.quantization[0][0] == _ijg_luma_dc_step(quality)
+    kilobytes = torch.tensor([f.stat().st_size / 1000.0 for f in files])
+    assert (kilobytes.diff() > 0).all(), kilobytes           # the noisier, the bigger the file
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     incompress = JpegReward(quality=quality, compress=False)
     compress = JpegReward(quality=quality, compress=True)
     assert not incompress.differentiable and not compress.differentiable
-    torch.testing.assert_close(incompress(images), sizes)
-    torch.testing.assert_close(compress(images), -sizes)
+    torch.testing.assert_close(incompress(images), kilobytes, rtol=0, atol=0)
+    torch.testing.assert_close(compress(images), -kilobytes, rtol=0, atol=0)
+    # floats are rounded to the nearest 8-bit level (not truncated) and clipped to [0, 1]
+    off_level = (images - 0.3 / 255).clamp(min=0)
+    torch.testing.assert_close(incompress(off_level), kilobytes, rtol=0, atol=0)
+    overshoot = torch.where(images == 1, 1.5, torch.where(images == 0, -0.5, images))
+    torch.testing.assert_close(incompress(overshoot), kilobytes, rtol=0, atol=0)
+
+
+def test_jpeg_quality_is_the_encoders_quality():
+    images = torch.from_numpy(_pixels(seed=2)).permute(0, 3, 1, 2).float() / 255
+    low, high = JpegReward(quality=50, compress=False)(images), JpegReward(quality=95, compress=False)(images)
+    assert (high > low).all(), (low, high)          # finer quantisation, bigger files
 
 
 def test_jpeg_noise_is_bigger_than_flat():

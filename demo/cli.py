@@ -67,7 +67,7 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
     both.add_argument("--steps", type=int, metavar="N",
                       help=f"sampling steps per image (default {SHAPES_SAMPLING_STEPS}; with --checkpoint the "
                            "workflow's 50)")
-    both.add_argument("--lr", type=float, help="DNO learning rate (default 0.01, 0.015 for jpeg_incompressibility; "
+    both.add_argument("--lr", type=float, help="DNO learning rate (default 0.01, 0.02 for jpeg_incompressibility; "
                                                "with --checkpoint the workflow's 0.01)")
     both.add_argument("--seed", type=int,
                       help="seed (default 0: the shapes samples use seeds SEED..SEED+samples-1; with "
@@ -82,7 +82,8 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
                       help=f"output folder (default {SHAPES_OUT}; with --checkpoint outputs/comfy)")
 
     shapes = p.add_argument_group("the shapes model (without --checkpoint)")
-    shapes.add_argument("--gamma", type=float, help="weight of the probability regulariser, 0 = off (default 10)")
+    shapes.add_argument("--gamma", type=float, help="weight of the probability regulariser, 0 = off (default 10, 100 for "
+                                                        "jpeg_incompressibility)")
     shapes.add_argument("--samples", type=int, metavar="N",
                         help=f"images optimised together, one per seed (default {SHAPES_SAMPLES})")
     # renamed: refuse it with the new names rather than guess

@@ -3,13 +3,19 @@
 * exact autograd (the optimisation loop backpropagates ``-reward``);
 * :func:`hybrid_gradient`: the paper's Hybrid-2 estimator for rewards without
   a gradient. The reward's gradient *in image space* is estimated from q
-  samples whose **noise** is perturbed, ``g = 1/(q mu^2) sum_j (r_j - r_0)
-  (x_j - x_0)``, which approximates ``J J^T grad r`` with J the Jacobian of
-  the image w.r.t. the optimised noise; the loop then backpropagates
-  ``-<g, x_0>`` through the decoder and sampler. Hybrid-2 (the variant of the
-  official code) perturbs along directions the sampler can actually produce,
-  so with few samples it is far better aligned than Hybrid-1, which perturbs
-  the image itself in all its pixel dimensions.
+  samples whose **noise** is perturbed, ``sum_j (r_j - r_0) (x_j - x_0)``,
+  which points along ``J J^T grad r`` with J the Jacobian of the image w.r.t.
+  the optimised noise; the loop then backpropagates ``-<g, x_0>`` through the
+  decoder and sampler. As in the official code, only its direction is kept:
+  ``g`` has unit norm per sample in the [-1, 1] pixel space that code
+  normalises in, which is norm 2 in the [0, 1] images here (``HYBRID_NORM``).
+  So the reward's pull on the noise, and its balance with ``gamma`` times the
+  regulariser, does not depend on the reward's units, q or mu. (The official
+  code adds 1e-3 to the norm, a guard that is negligible at its scale; here an
+  estimate of zero, all perturbed rewards equal, stays zero.) Hybrid-2 (the
+  variant of the official code) perturbs along directions the sampler can
+  actually produce, so with few samples it is far better aligned than
+  Hybrid-1, which perturbs the image itself in all its pixel dimensions.
 * :func:`zeroth_order_gradient`: the pure zeroth-order baseline over the
   noise, ``g = 1/(q mu) sum_j (r_j - r_0) xi_j``.
 
@@ -31,6 +37,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .noise import DNONoise, TrainableNoise
+
+# Per-sample norm of the hybrid estimate in [0, 1] pixels: unit norm in the [-1, 1] pixels of the
+# official code (x = 2 x01 - 1, so its <g, x> has gradient 2 g in x01).
+HYBRID_NORM = 2.0
 
 Render = Callable[[DNONoise], torch.Tensor]
 Score = Callable[[torch.Tensor], torch.Tensor]
@@ -78,7 +88,8 @@ def hybrid_gradient(render: Render, score: Score, params: TrainableNoise, image:
                     reward: torch.Tensor, mu: float = 0.01, q: int = 16, chunk: int = 4,
                     generator: torch.Generator = None,
                     share: Optional[EstimatorShare] = None) -> Tuple[torch.Tensor, int]:
-    """Hybrid-2 estimate of d reward / d image for each sample (same shape as ``image``).
+    """Hybrid-2 estimate of the direction of d reward / d image for each sample (same shape as
+    ``image``), scaled to norm ``HYBRID_NORM`` per sample (see the module doc).
 
     Returns the estimate and the number of images rendered for it (by all processes of a ``share``).
     """
@@ -89,9 +100,11 @@ def hybrid_gradient(render: Render, score: Score, params: TrainableNoise, image:
         diff_r = rewards - reward0                       # (m, B)
         diff_x = images.float() - image0                 # (m, B, ...)
         grad += (diff_r.view(diff_r.shape + (1,) * (image0.dim() - 1)) * diff_x).sum(0)
-    if share is not None:
+    if share is not None:       # the sum over every process's renders, then normalised as one
         grad = share.reduce(grad)
-    return grad / (q * mu * mu), q * params.batch_size
+    norm = grad.reshape(grad.shape[0], -1).norm(dim=1).view((-1,) + (1,) * (grad.dim() - 1))
+    # a zero estimate (no perturbation changed the reward) stays zero
+    return grad * (HYBRID_NORM / norm.clamp(min=torch.finfo(grad.dtype).tiny)), q * params.batch_size
 
 
 def zeroth_order_gradient(render: Render, score: Score, params: TrainableNoise,

@@ -162,6 +162,98 @@ def test_non_differentiable_reward_uses_hybrid_and_improves():
     assert (res.best_reward > res.initial_reward).all()
 
 
+class RecordingScaledBrightness(Reward):
+    """Brightness times a per-sample scale, without a gradient; records every call (images, rewards)."""
+    name = "scaled brightness (no grad)"
+    differentiable = False
+
+    def __init__(self, scales):
+        super().__init__()
+        self.scales = torch.tensor(scales)
+        self.calls = []
+
+    def score(self, images, prompts=None):
+        value = images.detach().float().mean(dim=(1, 2, 3)) * self.scales.repeat(images.shape[0] // len(self.scales))
+        self.calls.append((images.detach().clone(), value.clone()))
+        return value
+
+
+def official_hybrid_direction(calls, batch):
+    """The official estimator from the paper's code, written independently: for each sample,
+    est = sum_i (L_i - L_0)(x_i - x_0) with the loss L = -reward and images x in [-1, 1], then
+    est / (|est| + 1e-3). Returns it with the raw norms. ``calls[0]`` is the unperturbed batch."""
+    x0, r0 = calls[0]
+    est = torch.zeros_like(x0)
+    for images, rewards in calls[1:]:
+        m = images.shape[0] // batch
+        x = (2 * images - 1).view((m, batch) + tuple(images.shape[1:]))
+        dl = (-rewards.view(m, batch)) - (-r0)
+        est += (dl.view(m, batch, 1, 1, 1) * (x - (2 * x0 - 1))).sum(0)
+    raw = est.flatten(1).norm(dim=1)
+    return est / (raw + 1e-3).view(-1, 1, 1, 1), raw
+
+
+def _ode_setup(size=8, scale=1.0):
+    den = ToyDenoiser("eps")
+    sig = vp_sigmas(4)
+    noise = DNONoise(DNONoise.from_seed((2, 4, size, size), 4, seed=4, sde=False).x_T * scale)
+    return den, sig, noise
+
+
+def test_hybrid_estimate_is_the_official_unit_direction_per_sample():
+    den, sig, noise = _ode_setup()
+    params = TrainableNoise(noise, [], optimise_x_T=True)
+
+    def render(nz):
+        return to_image(sample(den, nz, sig, VP, 0.0))
+
+    # reward units 50x apart: the official estimate has unit norm in [-1, 1] pixels for both
+    reward = RecordingScaledBrightness([2000.0, 100000.0])
+    image = render(params.assemble()).detach()
+    r0 = reward(image)
+    g, _ = hybrid_gradient(render, reward, params, image, r0, mu=0.01, q=8, chunk=4,
+                           generator=torch.Generator().manual_seed(0))
+    official, raw = official_hybrid_direction(reward.calls, 2)
+    assert (raw > 1.0).all(), raw       # the official 1e-3 guard is negligible here
+    # the loop backpropagates -g into the [0, 1] image; the official code <est, x> with x = 2 x01 - 1
+    torch.testing.assert_close(-g, 2 * official, rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(g.flatten(1).norm(dim=1), torch.full((2,), 2.0))
+
+
+def test_hybrid_update_balances_reward_and_regulariser_as_the_official_code():
+    # One update with gamma > 0 from an inflated x_T (ODE: x_T is all that is optimised). The
+    # official code steps AdamW on clip(J^T est + gamma grad reg, 1) with est the unit direction
+    # above; Adam's first step is -lr * sign of that, whatever the clipping, so the sign of the
+    # update shows the balance of the two terms.
+    den, sig, noise = _ode_setup(size=32, scale=1.3)
+    lr = 1e-3
+
+    def run_once(gamma):
+        reward = RecordingScaledBrightness([2000.0, 100000.0])
+        seen = {}
+        optimize(den, sig, reward, to_image, noise, VP, eta=0.0,
+                 config=DNOConfig(steps=1, lr=lr, method="hybrid", q=8, estimator_batch=4, seed=0),
+                 regularizer=ProbabilityRegularizer(gamma=gamma, permutations=0),
+                 callback=lambda info: seen.update({info.step: info.noise.x_T.clone()}))
+        return reward, seen[1] - seen[0]
+
+    reward, _ = run_once(1.0)           # the perturbations do not depend on gamma
+    official, raw = official_hybrid_direction(reward.calls[:3], 2)   # the base batch, then 2 chunks
+    assert (raw > 1.0).all()
+    x_T = noise.x_T.clone().requires_grad_(True)
+    image = to_image(sample(den, DNONoise(x_T), sig, VP, 0.0))
+    (pull,) = torch.autograd.grad(image, x_T, 2 * official)     # d <est, 2 x01 - 1> / d x_T
+    z = noise.x_T.clone().requires_grad_(True)
+    (reg,) = torch.autograd.grad(ProbabilityRegularizer(permutations=0).terms(z.flatten(1)).loss.sum(), z)
+    # a gamma at which the two terms are of one size for the first sample: the balance matters
+    gamma = (pull[0].norm() / reg[0].norm()).item()
+    _, step = run_once(gamma)
+    expected = -lr * torch.sign(pull + gamma * reg)
+    agree = (torch.sign(step) == torch.sign(expected)).float().flatten(1).mean(1)
+    assert (agree > 0.99).all(), agree
+    torch.testing.assert_close(step.abs().flatten(1).mean(1), torch.full((2,), lr), rtol=1e-3, atol=0)
+
+
 class WrongShape(Reward):
     def score(self, images, prompts=None):
         return images.mean()

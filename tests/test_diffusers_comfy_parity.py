@@ -145,5 +145,7 @@ def test_node_and_diffusers_adapter_give_the_same_optimised_image(checkpoint):
     assert len(node_rewards) == OPT_STEPS + 1
     assert node_rewards.flatten()[-1] != node_rewards.flatten()[0]        # the optimisation moved the image
     torch.testing.assert_close(ours, node_rewards, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.latents / SD_SCALE, node_latent, rtol=1e-4, atol=1e-4)
+    # fp32 through 3 updates of two hosts' kernels: a fresh CI machine measured 4e-4 on one of 256
+    # values (2e-4 relative), another machine 3e-4 on the largest; a wrong noise or step is O(1) off
+    torch.testing.assert_close(out.latents / SD_SCALE, node_latent, rtol=1e-3, atol=1e-3)
     assert node_history["best_step"] == out.result.best_step.tolist()

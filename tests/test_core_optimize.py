@@ -202,7 +202,7 @@ def _ode_setup(size=8, scale=1.0):
 
 def test_hybrid_estimate_is_the_official_unit_direction_per_sample():
     den, sig, noise = _ode_setup()
-    params = TrainableNoise(noise, [], optimise_x_T=True)
+    params = TrainableNoise(noise, [], optimize_x_T=True)
 
     def render(nz):
         return to_image(sample(den, nz, sig, VP, 0.0))

@@ -114,6 +114,22 @@ class FlowRFSchedule(FlowSchedule):
 VP = VPSchedule()
 FLOW = FlowSchedule()
 FLOW_RF = FlowRFSchedule()
+
+
+@dataclass(frozen=True, eq=False)
+class WrappedSchedule(NoiseSchedule):
+    """``base``'s coefficients, for a host that builds the first and last latent its own way
+    (it overrides ``start`` / ``finish``): ComfyUI's model sampling, a diffusers scheduler."""
+    base: NoiseSchedule = VP
+
+    def signal(self, sigma):
+        return self.base.signal(sigma)
+
+    def noise(self, sigma):
+        return self.base.noise(sigma)
+
+    def ancestral_noise(self, sigma, sigma_next, eta):
+        return self.base.ancestral_noise(sigma, sigma_next, eta)
 SCHEDULES = {"vp": VP, "eps": VP, "v": VP, "flow": FLOW, "const": FLOW, "flow-rf": FLOW_RF}
 
 

@@ -20,7 +20,7 @@ from comfy.k_diffusion.sampling import default_noise_sampler
 
 from ..dno import DNOError, StopOptimization
 from ..dno.precision import autocast
-from ..dno.schedule import FLOW_RF, VP, NoiseSchedule
+from ..dno.schedule import FLOW_RF, VP, NoiseSchedule, WrappedSchedule
 
 
 def make_autograd_ready(module: torch.nn.Module) -> int:
@@ -106,19 +106,9 @@ def schedule_for(model_sampling) -> NoiseSchedule:
 
 
 @dataclass(frozen=True, eq=False)
-class HostSchedule(NoiseSchedule):
+class HostSchedule(WrappedSchedule):
     """The core's schedule, with the first and last latent built by the host's own code."""
-    base: NoiseSchedule = VP
     model_sampling: Any = None
-
-    def signal(self, sigma):
-        return self.base.signal(sigma)
-
-    def noise(self, sigma):
-        return self.base.noise(sigma)
-
-    def ancestral_noise(self, sigma, sigma_next, eta):
-        return self.base.ancestral_noise(sigma, sigma_next, eta)
 
     def start(self, sigma, x_T, latent, full_denoise):
         # torch.full, not torch.tensor: no host-to-device copy (the render is captured as a CUDA graph)

@@ -34,7 +34,7 @@ from typing import Any, List
 import torch
 
 from ..errors import DNOError
-from ..schedule import FLOW, FLOW_RF, VP, NoiseSchedule
+from ..schedule import FLOW, FLOW_RF, VP, WrappedSchedule
 
 log = logging.getLogger("DNO")
 
@@ -43,20 +43,10 @@ _TOLD = set()
 
 
 @dataclass(frozen=True, eq=False)
-class PipelineSchedule(NoiseSchedule):
+class PipelineSchedule(WrappedSchedule):
     """The core's schedule, with the first and the last latent as the diffusers scheduler has them."""
-    base: NoiseSchedule = VP
     start_scale: float = 1.0    # first latent = unit noise * start_scale (in the core's sigma space)
     finish_scale: float = 1.0   # the scheduler's final latent = finish_scale * the core's
-
-    def signal(self, sigma):
-        return self.base.signal(sigma)
-
-    def noise(self, sigma):
-        return self.base.noise(sigma)
-
-    def ancestral_noise(self, sigma, sigma_next, eta):
-        return self.base.ancestral_noise(sigma, sigma_next, eta)
 
     def start(self, sigma, x_T, latent, full_denoise):
         if latent is not None:

@@ -392,6 +392,15 @@ class ComfyServer:
         raise ComfyHostError(f"prompt {prompt_id} did not finish within {timeout:.0f}s; "
                              f"log tail:\n{self.log_tail()}")
 
+    def run(self, api: dict, timeout: float = 240) -> tuple:
+        """Queue ``api``, wait for it, insist it succeeded: ``(history entry, its part of the log)``."""
+        mark = len(self.log())
+        entry = self.wait(self.queue(api), timeout=timeout)
+        log = self.log()[mark:]
+        if entry["status"]["status_str"] != "success":
+            raise ComfyHostError(f"the prompt did not succeed ({entry['status']}); log tail:\n{log[-4000:]}")
+        return entry, log
+
     def interrupt(self, prompt_id: str | None = None) -> None:
         """Interrupt the running prompt (only ``prompt_id`` if given). The host clears the
         flag when a prompt starts, so a caller racing the start should repeat it."""

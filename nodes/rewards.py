@@ -162,12 +162,17 @@ def require_prompt(reward, prompts: Optional[List[str]], input_name: str, node: 
                        "match, e.g. your positive prompt's text")
 
 
+def aesthetic_mlp_input():
+    """The aesthetic predictor's file input, shared by both aesthetic reward nodes."""
+    return (_file_list([REWARD_FOLDER]), {
+        "tooltip": "sac+logos+ava1-l14-linearMSE.pth (or .safetensors) in models/dno_rewards"})
+
+
 class DNOAestheticReward:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "aesthetic_mlp": (_file_list([REWARD_FOLDER]), {
-                "tooltip": "sac+logos+ava1-l14-linearMSE.pth (or .safetensors) in models/dno_rewards"}),
+            "aesthetic_mlp": aesthetic_mlp_input(),
             "clip_model": (_file_list(CLIP_FOLDERS), {
                 "tooltip": "CLIP ViT-L/14 weights (open_clip or Hugging Face / clip_vision layout)"}),
             "clip_activation": (list(ACTIVATIONS), {
@@ -190,8 +195,7 @@ class DNOAestheticRewardCLIPVision:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "aesthetic_mlp": (_file_list([REWARD_FOLDER]), {
-                "tooltip": "sac+logos+ava1-l14-linearMSE.pth (or .safetensors) in models/dno_rewards"}),
+            "aesthetic_mlp": aesthetic_mlp_input(),
             "clip_vision": ("CLIP_VISION", {
                 "tooltip": "CLIP ViT-L/14 from ComfyUI's Load CLIP Vision node (e.g. OpenAI's "
                            "clip-vit-large-patch14 model.safetensors in models/clip_vision)"}),

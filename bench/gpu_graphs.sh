@@ -5,7 +5,7 @@
 # peak (what SD1.5's lowest-memory peak is made of), budgets (SDXL under small budgets),
 # layout (SDXL 1024² DNO with channels-last weights against the default layout, one process).
 set -euo pipefail
-part=${1:?usage: bench/gpu_graphs.sh tests|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout|layout-sd15}
+part=${1:?usage: bench/gpu_graphs.sh tests|tests-host|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout|layout-sd15}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -14,6 +14,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 bench() { python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt" | grep -v '^{"eager_run"' | cut -c1-600; }
 case "$part" in
   tests) python3 -m pytest tests/test_gpu_graphs.py tests/test_gpu_memory.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt" | tail -30
+         exit "${PIPESTATUS[0]}" ;;
+  # issues 13 and 15: memory given back after two workflows, the budget probe, the diffusers adapter on CUDA
+  tests-host) python3 -m pytest tests/test_memory_release.py tests/test_gpu_memory.py tests/test_diffusers_adapter.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu-host.txt" | tail -40
          exit "${PIPESTATUS[0]}" ;;
   sd15) bench --model sd15 --configs bf16:step@5,bf16:auto@5,bf16:blocks@4 --compare --plain-repeats 2 ;;
   sdxl) bench --model sdxl --configs bf16:step@4,bf16:auto=22@4,bf16:auto@4 --plain-repeats 1 ;;

@@ -51,6 +51,11 @@ def _tiled(value: torch.Tensor, times: int) -> torch.Tensor:
     return value if times == 1 else value.repeat(times, *([1] * (value.dim() - 1)))
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 class PipelineDenoiser(torch.nn.Module):
     """``denoiser(x, sigma) -> x0`` over a pipeline's network with its classifier-free guidance.
 
@@ -63,7 +68,9 @@ class PipelineDenoiser(torch.nn.Module):
                  negative: Optional[Dict[str, torch.Tensor]], guidance_scale: float, batch: int):
         super().__init__()
         self.network = network
-        self.table = TimestepTable(plan)
+        # on the network's device from the start: a copy from the CPU inside a render would stop
+        # the render's capture as a CUDA graph (unpinned host memory)
+        self.table = TimestepTable(plan).to(_device_of(network))
         self.prediction = plan.prediction
         self.positive, self.negative = positive, negative
         self.guidance_scale = float(guidance_scale)
@@ -167,14 +174,17 @@ class PipelineDecoder(torch.nn.Module):
         self.vae = vae
         self.scale = float(vae.config.scaling_factor)
         self.shift = shift
-        self.mean, self.std = mean, std
+        # made once on the VAE's device (a host-to-device copy per render would stop graph capture)
+        self.mean, self.std = (None, None) if mean is None or std is None else (
+            torch.as_tensor(mean, dtype=torch.float32, device=_device_of(vae)),
+            torch.as_tensor(std, dtype=torch.float32, device=_device_of(vae)))
         self.full_precision = full_precision   # SDXL's fp16 VAE overflows: decode in fp32 (force_upcast)
 
     def latents_for_vae(self, latent: torch.Tensor) -> torch.Tensor:
         if self.mean is not None and self.std is not None:
             view = (1, -1) + (1,) * (latent.dim() - 2)
-            mean = torch.as_tensor(self.mean, device=latent.device, dtype=latent.dtype).view(view)
-            std = torch.as_tensor(self.std, device=latent.device, dtype=latent.dtype).view(view)
+            mean = self.mean.to(latent.device, latent.dtype).view(view)
+            std = self.std.to(latent.device, latent.dtype).view(view)
             return latent * std / self.scale + mean
         z = latent / self.scale
         return z if self.shift is None else z + self.shift

@@ -30,6 +30,7 @@ class UNetConfig:
     attention_at_bottom: bool = True
     emb_dim: int = 128
     image_size: int = 32
+    num_classes: int = 0          # > 0: class-conditional, label num_classes = no prompt (for CFG)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -38,6 +39,7 @@ class UNetConfig:
     def from_json(text: str) -> "UNetConfig":
         data = json.loads(text)
         data["channels"] = tuple(data["channels"])
+        data.setdefault("num_classes", 0)
         return UNetConfig(**data)
 
 
@@ -105,6 +107,8 @@ class UNet(nn.Module):
         ch = config.channels
         self.emb = nn.Sequential(nn.Linear(config.emb_dim, config.emb_dim), nn.SiLU(),
                                  nn.Linear(config.emb_dim, config.emb_dim))
+        # one more label than classes: the "no prompt" label classifier-free guidance needs
+        self.label_emb = nn.Embedding(config.num_classes + 1, config.emb_dim) if config.num_classes > 0 else None
         self.stem = nn.Conv2d(3, ch[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -127,8 +131,15 @@ class UNet(nn.Module):
         self.out_norm = nn.GroupNorm(8, cur)
         self.out = nn.Conv2d(cur, 3, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.emb(_timestep_embedding(t, self.config.emb_dim))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
+        emb = _timestep_embedding(t, self.config.emb_dim)
+        if self.label_emb is not None:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label_emb(labels)
+        elif labels is not None:
+            raise ValueError("this UNet is unconditional (num_classes=0): it takes no labels")
+        emb = self.emb(emb)
         h = self.stem(x)
         hs = []
         n = self.config.blocks_per_level
@@ -175,6 +186,45 @@ class ShapesDenoiser(nn.Module):
         return c_in[:, None, None, None] * x_vp - s[:, None, None, None] * v
 
 
+class GuidedDenoiser(nn.Module):
+    """The conditional model as ``denoiser(x, sigma) -> x0`` for fixed prompts, with
+    classifier-free guidance: ``v = v_none + guidance * (v_prompt - v_none)``, both in one batch.
+
+    ``labels`` holds one class per image of the batch DNO optimises; the optimiser's estimators
+    may call with that batch tiled several times, and the labels are tiled to match. Each call
+    is one denoiser evaluation per image (two UNet passes, batched), as a guided host model's is.
+    """
+
+    def __init__(self, unet: UNet, labels: torch.Tensor, guidance: float = 3.0):
+        super().__init__()
+        if unet.config.num_classes <= 0:
+            raise ValueError("GuidedDenoiser needs a class-conditional UNet (num_classes > 0)")
+        self.unet = unet
+        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long).reshape(-1), persistent=False)
+        self.guidance = float(guidance)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(x.shape[0])
+        n = self.labels.numel()
+        if x.shape[0] % n:
+            raise ValueError(f"GuidedDenoiser: a batch of {x.shape[0]} images for {n} labels")
+        labels = self.labels.to(x.device).repeat(x.shape[0] // n)
+        c_in = 1.0 / torch.sqrt(1.0 + sigma ** 2)
+        s = sigma * c_in
+        x_vp = x * c_in[:, None, None, None]
+        t = t_from_sigma(sigma)
+        if self.guidance == 1.0:
+            v = self.unet(x_vp, t, labels)
+        else:
+            none = torch.full_like(labels, self.unet.config.num_classes)
+            v_prompt, v_none = self.unet(torch.cat([x_vp, x_vp]), torch.cat([t, t]),
+                                         torch.cat([labels, none])).chunk(2)
+            v = v_none + self.guidance * (v_prompt - v_none)
+        return c_in[:, None, None, None] * x_vp - s[:, None, None, None] * v
+
+
 def decode(x: torch.Tensor) -> torch.Tensor:
     """Model pixels [-1, 1] -> image [0, 1].
 
@@ -209,11 +259,28 @@ def read_weights(path: Path, what: str):
     return {k: v.float() for k, v in load_file(str(path)).items()}, meta
 
 
-def load_denoiser(path: Path = DIFFUSION_WEIGHTS, device: str = "cpu") -> ShapesDenoiser:
-    """Load the committed shapes model (fp16 on disk, fp32 in memory)."""
-    state, meta = read_weights(path, "shapes diffusion")
+OBJECTS_WEIGHTS = WEIGHTS_DIR / "objects_diffusion.safetensors"
+
+
+def load_unet(path: Path, what: str = "diffusion") -> Tuple[UNet, dict]:
+    """(UNet, metadata) of a file written by ``demo.train`` / ``demo.train_objects``."""
+    state, meta = read_weights(path, what)
     if "unet_config" not in meta:
         raise ValueError(f"{path} has no 'unet_config' metadata; it was not written by demo.train")
     unet = UNet(UNetConfig.from_json(meta["unet_config"]))
     unet.load_state_dict(state)
+    return unet.eval().requires_grad_(False), meta
+
+
+def load_guided(labels, guidance: float = None, path: Path = OBJECTS_WEIGHTS, device: str = "cpu") -> GuidedDenoiser:
+    """The committed conditional objects model for ``labels`` (fp16 on disk, fp32 in memory);
+    ``guidance`` defaults to the scale it was evaluated at (its metadata)."""
+    unet, meta = load_unet(path, "objects diffusion")
+    scale = float(meta.get("guidance", 3.0)) if guidance is None else float(guidance)
+    return GuidedDenoiser(unet, torch.as_tensor(labels), scale).to(device).eval().requires_grad_(False)
+
+
+def load_denoiser(path: Path = DIFFUSION_WEIGHTS, device: str = "cpu") -> ShapesDenoiser:
+    """Load the committed shapes model (fp16 on disk, fp32 in memory)."""
+    unet, _ = load_unet(path, "shapes diffusion")
     return ShapesDenoiser(unet).to(device).eval().requires_grad_(False)

@@ -59,12 +59,16 @@ class RealismClassifier(nn.Module):
 def corrupt(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One random corruption per image (the classifier's negatives), values in [0,1]."""
     n = images.shape[0]
-    kind = torch.randint(0, 9, (n,), generator=gen)
-    u = torch.rand(n, 1, 1, 1, generator=gen)
+    dev = gen.device   # the generator's device (the committed classifier: the CPU)
+    kind = torch.randint(0, 9, (n,), generator=gen, device=dev).tolist()
+    u = torch.rand(n, 1, 1, 1, generator=gen, device=dev).flatten().tolist()
     out = []
-    noise = torch.randn(images.shape, generator=gen)
+    noise = torch.randn(images.shape, generator=gen, device=dev).to(images.device)
+    yy, xx = torch.meshgrid(torch.arange(images.shape[2], device=images.device),
+                            torch.arange(images.shape[3], device=images.device), indexing="ij")
+    checker = ((yy + xx) % 2).float() * 2 - 1
     for i in range(n):
-        x, k, a, z = images[i], int(kind[i]), float(u[i]), noise[i]
+        x, k, a, z = images[i], kind[i], u[i], noise[i]
         if k == 0:    # brighten until clipping (the brightness hack)
             x = (x * (1 + 1.5 * a) + 0.15 + 0.5 * a).clamp(0, 1)
         elif k == 1:  # darken until clipping
@@ -74,8 +78,6 @@ def corrupt(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         elif k == 3:  # additive Gaussian noise
             x = (x + (0.03 + 0.3 * a) * z).clamp(0, 1)
         elif k == 4:  # high-frequency pattern (the incompressibility hack)
-            yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
-            checker = ((yy + xx) % 2).float() * 2 - 1
             x = (x + (0.05 + 0.3 * a) * checker * torch.sign(z)).clamp(0, 1)
         elif k == 5:  # blur
             x = F.avg_pool2d(x[None], 3 + 2 * int(a * 2), stride=1, padding=1 + int(a * 2), count_include_pad=False)[0]

@@ -4,11 +4,12 @@
 # Parts: tests (GPU tests of the graph path + the memory tests), sd15, sdxl, sdxl-more, explore, curve,
 # peak (what SD1.5's lowest-memory peak is made of), budgets (SDXL under small budgets),
 # layout (SDXL 1024² DNO with channels-last weights against the default layout, one process).
+# DNO_WHEELS=DIR installs the wheels of DIR instead of .whl (e.g. .whl-host: PyAV for the ComfyUI host, within the 64 MiB a call carries)
 set -euo pipefail
 part=${1:?usage: bench/gpu_graphs.sh tests|tests-host|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout|layout-sd15}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "${DNO_WHEELS:-.whl}"/*.whl
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 bench() { python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt" | grep -v '^{"eager_run"' | cut -c1-600; }

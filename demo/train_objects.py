@@ -47,6 +47,15 @@ SEEDS = {"diffusion": 10_000_000, "classifier": 20_000_000, "preference": 30_000
 PARTS = ("diffusion", "classifier", "preference", "realism")
 
 
+def _loaders():
+    from demo.model import load_unet
+    from demo.preference import load_preference_net
+    from demo.realism import load_classifier
+    from demo.recognise import load_recogniser
+    return {"diffusion": lambda p, d: load_unet(p)[0].to(d), "classifier": load_recogniser,
+            "preference": load_preference_net, "realism": load_classifier}
+
+
 class OutOfTime(Exception):
     pass
 
@@ -223,6 +232,8 @@ def main(argv=None) -> int:
                         help="training state, for resuming after --time-limit")
     parser.add_argument("--time-limit", type=float, default=1e9, help="seconds before saving the state and exiting (3)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="train only these (the others are read from --out for the evaluation)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -256,9 +267,13 @@ def main(argv=None) -> int:
     files = {"diffusion": "objects_diffusion", "classifier": "objects_classifier",
              "preference": "objects_preference", "realism": "objects_realism"}
     trained = {}
+    loaders = _loaders()
     try:
         for part in PARTS:
             path = args.out / f"{files[part]}.safetensors"
+            if part not in args.parts:
+                trained[part] = loaders[part](path, device)
+                continue
             make, loss, steps, lr, warmup, ema = builds[part]
             torch.manual_seed(PARTS.index(part))
             model = make().to(device)

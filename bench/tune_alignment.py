@@ -41,7 +41,7 @@ def main() -> None:
             setting = A.Setting(**{**A.asdict(base), "steps": steps, "lr": lr, "gamma": gamma})
             start = time.time()
             results = A.run("tuning", [name], args.out / f"{name}-{steps}-{lr}-{gamma}", args.device,
-                            settings={name: setting}, log=lambda *a: None)
+                            settings={name: setting}, log=lambda *a: None, figures=False)
             runs = results[name]
             row = {"reward": name, "setting": A.asdict(setting), "seconds": round(time.time() - start, 1),
                    "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"}

@@ -333,7 +333,7 @@ def save_curves(results: dict, settings: Dict[str, Setting], path: Path) -> None
 
 
 def run(cases_name: str = "held_out", rewards: Sequence[str] = REWARDS, out: Path = Path("outputs/alignment"),
-        device: str = "cpu", settings: Optional[Dict[str, Setting]] = None, log=print) -> dict:
+        device: str = "cpu", settings: Optional[Dict[str, Setting]] = None, log=print, figures: bool = True) -> dict:
     cases = CASES[cases_name]
     settings = dict(SETTINGS, **(settings or {}))
     models = load_models(device)
@@ -345,9 +345,11 @@ def run(cases_name: str = "held_out", rewards: Sequence[str] = REWARDS, out: Pat
         runs = run_reward(models, name, cases, settings[name], log)
         results[name] = runs
         texts.append(f"#### {name}\n\n{table(name, settings[name], runs)}\n")
-        save_grid(runs, out / f"grid_{name}.png")
+        if figures:
+            save_grid(runs, out / f"grid_{name}.png")
         log(f"{name}: {time.time() - start:.0f} s\n{table(name, settings[name], runs)}")
-    save_curves(results, settings, out / "reward_curves.png")
+    if figures:
+        save_curves(results, settings, out / "reward_curves.png")
     (out / "tables.md").write_text("\n".join(texts))
     serialisable = {name: {m: {k: v for k, v in r.items() if k != "images"} for m, r in runs.items()}
                     for name, runs in results.items()}

@@ -6,7 +6,7 @@
 # layout (SDXL 1024² DNO with channels-last weights against the default layout, one process).
 # DNO_WHEELS=DIR installs the wheels of DIR instead of .whl (e.g. .whl-host: PyAV for the ComfyUI host, within the 64 MiB a call carries)
 set -euo pipefail
-part=${1:?usage: bench/gpu_graphs.sh tests|tests-host|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout|layout-sd15}
+part=${1:?usage: bench/gpu_graphs.sh tests|tests-host|tests-memory|sd15|sdxl|sdxl-more|explore|curve|peak|budgets|layout|layout-sd15}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "${DNO_WHEELS:-.whl}"/*.whl
@@ -15,6 +15,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 bench() { python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt" | grep -v '^{"eager_run"' | cut -c1-600; }
 case "$part" in
   tests) python3 -m pytest tests/test_gpu_graphs.py tests/test_gpu_memory.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.txt" | tail -30
+         exit "${PIPESTATUS[0]}" ;;
+  # issue 13: two DNO workflows back to back through ComfyUI's executor (bench/host_wheels.sh prepares it)
+  tests-memory) COMFYUI_PATH=${COMFYUI_PATH:-$PWD/.cache/comfyui-slim} python3 -m pytest tests/test_memory_release.py -m gpu -v -p no:cacheprovider 2>&1 | tee "$out/pytest-memory-release-gpu.txt" | tail -20
          exit "${PIPESTATUS[0]}" ;;
   # issues 13 and 15: memory given back after two workflows, the budget probe, the diffusers adapter on CUDA
   tests-host) python3 -m pytest tests/test_memory_release.py tests/test_gpu_memory.py tests/test_diffusers_adapter.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu-host.txt" | tail -40

@@ -53,7 +53,7 @@ SAMPLING_STEPS = 10
 HELD_OUT = [(0, 1000), (5, 1001), (10, 1002), (15, 1003), (3, 1004), (6, 1005), (9, 1006), (12, 1007)]
 TUNING = [(1, 0), (4, 1), (11, 2), (14, 3), (2, 4), (7, 5), (8, 6), (13, 7)]
 CASES = {"held_out": HELD_OUT, "tuning": TUNING}
-REWARDS = ("preference", "brightness", "jpeg_incompressibility")
+REWARDS = ("preference", "preference_sde", "brightness", "jpeg_incompressibility")   # experiments
 METHODS = ("unoptimised", "dno_gamma0", "dno", "best_of_n", "zeroth_order")
 REFERENCE_PER_PROMPT = 32       # dataset images per prompt for the kernel distance
 REFERENCE_SEED = 555
@@ -68,12 +68,20 @@ class Setting:
     q: int = 8                  # perturbed renders per update of the hybrid estimator
     zo_q: int = 4               # ... of zeroth-order search (its steps follow from equal evaluations)
     zo_lr: float = 0.02
+    eta: float = 1.0            # 1: ancestral sampling (x_T and every step's noise optimised); 0: ODE (x_T only)
+    reward: str = ""            # the reward, when the experiment's name is not it
+    guidance: float = 3.0       # CFG scale the settings were tuned at (the model's default is 4)
 
 
+# Tuned on TUNING (bench/results/2026-12-03-h200-alignment-tuning.jsonl and the CPU runs the README
+# names). The learned reward runs the ODE sampler (x_T only): with ancestral sampling every step
+# injects pixel noise, and DNO hacks the learned reward with noise that stays typical, which no
+# regulariser of the noise can see ("preference_sde" shows it).
 SETTINGS = {
-    "preference": Setting(steps=20, lr=0.01, gamma=10.0),
+    "preference": Setting(steps=20, lr=0.03, gamma=10.0, eta=0.0),
+    "preference_sde": Setting(steps=20, lr=0.01, gamma=10.0, reward="preference"),
     "brightness": Setting(steps=20, lr=0.01, gamma=10.0),
-    "jpeg_incompressibility": Setting(steps=12, lr=0.02, gamma=100.0, mu=0.05, q=8, zo_q=8),
+    "jpeg_incompressibility": Setting(steps=12, lr=0.02, gamma=1000.0, mu=0.05, q=8, zo_q=8),
 }
 
 
@@ -122,14 +130,14 @@ def case_noise(cases: Sequence[Tuple[int, int]], device) -> "DNONoise":
     return DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(device)
 
 
-def noise_probability(noise) -> List[float]:
+def noise_probability(noise, eta: float = 1.0) -> List[float]:
     """The paper's P of each sample's optimisable noise (x_T and the steps that inject noise)."""
     from dno import ProbabilityRegularizer, VP
     from dno.noise import TrainableNoise
     from dno.optimize import optimized_noises
 
     sig = sampling_sigmas(SAMPLING_STEPS).tolist()
-    steps, with_x_T = optimized_noises(VP, sig, 1.0, len(sig) - 1)
+    steps, with_x_T = optimized_noises(VP, sig, eta, len(sig) - 1)
     flat = TrainableNoise(noise.detach().to("cpu"), steps, with_x_T).flat()
     return ProbabilityRegularizer(gamma=1.0, k=1, permutations=0).terms(flat.detach()).probability.tolist()
 
@@ -140,7 +148,7 @@ def run_optimiser(models: Models, reward, cases, setting: Setting, method: str, 
 
     labels = torch.tensor([p for p, _ in cases])
     prompts = [PROMPTS[p] for p, _ in cases]
-    counting = CountingDenoiser(models.denoiser(labels))
+    counting = CountingDenoiser(models.denoiser(labels, setting.guidance))
     sigmas = sampling_sigmas(SAMPLING_STEPS).to(models.device)
     if method == "zeroth_order":
         # equal evaluations: zeroth-order renders 1 + zo_q per update and one more sample at the end
@@ -160,13 +168,53 @@ def run_optimiser(models: Models, reward, cases, setting: Setting, method: str, 
 
     start = time.time()
     result = optimize(counting, sigmas, reward, decode, noise=case_noise(cases, models.device), schedule=VP,
-                      eta=1.0, config=config, regularizer=regularizer, prompts=prompts, callback=on_step)
+                      eta=setting.eta, config=config, regularizer=regularizer, prompts=prompts, callback=on_step)
     seconds = time.time() - start
     updates = len(result.history) - 1
     backward = 0 if method == "zeroth_order" else updates
     return MethodResult([float(r) for r in result.best_reward.float().cpu()], result.image.clamp(0, 1).cpu(),
-                        noise_probability(result.noise), counting.image_evaluations / len(cases), backward,
+                        noise_probability(result.noise, setting.eta), counting.image_evaluations / len(cases), backward,
                         seconds, curve)
+
+
+def dno_on_prompt(models: Models, reward_name: str, label: int, seeds: Sequence[int], steps: int, lr: float,
+                  gamma: float, mu: float = 0.01, q: int = 8, eta: float = 1.0, guidance: Optional[float] = None,
+                  sampling_steps: int = SAMPLING_STEPS, precision: str = "fp32", callback=None):
+    """The demo command's run: DNO on one prompt from one noise per seed, with its measures
+    (a ``demo.experiment.RunSummary``, as the shapes model's run gives)."""
+    from demo.experiment import RunSummary
+    from dno import DNOConfig, DNONoise, ProbabilityRegularizer, VP, optimize
+
+    labels = torch.full((len(seeds),), int(label), dtype=torch.long)
+    counting = CountingDenoiser(models.denoiser(labels, guidance))
+    parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, sampling_steps, seed=int(s), sde=True) for s in seeds]
+    noise = DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(models.device)
+    config = DNOConfig(steps=steps, lr=lr, method="auto", q=q, mu=mu, checkpoint=False,
+                       estimator_batch=max(1, q // 2), precision=precision)
+    regularizer = ProbabilityRegularizer(gamma=gamma, k=1, permutations=8) if gamma > 0 else None
+    curve, first = [], {}
+
+    def on_step(info):
+        if info.step == 0:
+            first["image"] = info.image.clone()
+        curve.append(info.reward.tolist())
+        if callback is not None:
+            callback(info)
+
+    start = time.time()
+    result = optimize(counting, sampling_sigmas(sampling_steps).to(models.device), make_reward(reward_name, models),
+                      decode, noise=noise, schedule=VP, eta=eta, config=config, regularizer=regularizer,
+                      prompts=[PROMPTS[int(label)]] * len(seeds), callback=on_step)
+    seconds = time.time() - start
+    before, after = first["image"].clamp(0, 1), result.image.clamp(0, 1)
+    own = models.denoiser(labels, guidance=1.0)
+    return RunSummary(
+        reward_before=result.initial_reward.cpu(), reward_after=result.best_reward.cpu(),
+        realism_before=realism(before, models.realism), realism_after=realism(after, models.realism),
+        denoise_err_before=denoising_error(before, own), denoise_err_after=denoising_error(after, own),
+        images_before=before.cpu(), images_after=after.cpu(), reward_curve=curve,
+        denoiser_evaluations_per_image=counting.image_evaluations / len(seeds), seconds=seconds,
+        stop_reason=result.stop_reason)
 
 
 def dno_render_count(reward, setting: Setting) -> int:
@@ -177,7 +225,8 @@ def dno_render_count(reward, setting: Setting) -> int:
 
 
 @torch.no_grad()
-def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_000) -> MethodResult:
+def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_000, eta: float = 1.0,
+                  guidance: Optional[float] = None) -> MethodResult:
     """Best of ``n`` independent samples per case; the first is the case's own unoptimised one."""
     from dno import DNONoise, VP, sample
 
@@ -186,7 +235,7 @@ def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_
     best_r, best_img, best_p, evaluations = [], [], [], 0
     running = [[] for _ in range(n)]
     for label, seed in cases:
-        counting = CountingDenoiser(models.denoiser(torch.tensor([label])))
+        counting = CountingDenoiser(models.denoiser(torch.tensor([label]), guidance))
         rewards, images, noises = [], [], []
         for chunk in range(0, n, 32):
             m = min(32, n - chunk)
@@ -194,7 +243,7 @@ def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_
                                         seed=int(seed) if j == 0 else int(seed) + seed_stride * j, sde=True)
                      for j in range(chunk, chunk + m)]
             noise = DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(models.device)
-            image = decode(sample(counting, noise, sigmas, VP, eta=1.0)).clamp(0, 1)
+            image = decode(sample(counting, noise, sigmas, VP, eta=eta)).clamp(0, 1)
             rewards.append(reward(image, [PROMPTS[label]] * m).float().cpu())
             images.append(image.cpu())
             noises.append(noise)
@@ -202,7 +251,8 @@ def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_
         k = int(rewards.argmax())
         best_r.append(float(rewards[k])), best_img.append(images[k])
         chosen = noises[k // 32]
-        best_p.append(noise_probability(DNONoise(chosen.x_T[k % 32:k % 32 + 1], chosen.steps[:, k % 32:k % 32 + 1]))[0])
+        best_p.append(noise_probability(DNONoise(chosen.x_T[k % 32:k % 32 + 1], chosen.steps[:, k % 32:k % 32 + 1]),
+                                        eta)[0])
         for j in range(n):
             running[j].append(float(rewards[:j + 1].max()))
         evaluations += counting.image_evaluations
@@ -211,16 +261,16 @@ def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_
 
 
 @torch.no_grad()
-def run_unoptimised(models: Models, reward, cases) -> MethodResult:
+def run_unoptimised(models: Models, reward, cases, eta: float = 1.0, guidance: Optional[float] = None) -> MethodResult:
     from dno import VP, sample
 
     labels = torch.tensor([p for p, _ in cases])
-    counting = CountingDenoiser(models.denoiser(labels))
+    counting = CountingDenoiser(models.denoiser(labels, guidance))
     noise = case_noise(cases, models.device)
     start = time.time()
-    image = decode(sample(counting, noise, sampling_sigmas(SAMPLING_STEPS).to(models.device), VP, eta=1.0)).clamp(0, 1)
+    image = decode(sample(counting, noise, sampling_sigmas(SAMPLING_STEPS).to(models.device), VP, eta=eta)).clamp(0, 1)
     scores = reward(image, [PROMPTS[p] for p, _ in cases]).float().cpu()
-    return MethodResult([float(r) for r in scores], image.cpu(), noise_probability(noise),
+    return MethodResult([float(r) for r in scores], image.cpu(), noise_probability(noise, eta),
                         counting.image_evaluations / len(cases), 0, time.time() - start)
 
 
@@ -246,14 +296,14 @@ def reference_features(models: Models, cases) -> torch.Tensor:
 
 def run_reward(models: Models, name: str, cases, setting: Setting, log=print) -> Dict[str, dict]:
     """Every method on one reward; a dict per method of per-case values and run facts."""
-    reward = make_reward(name, models)
+    reward = make_reward(setting.reward or name, models)
     ref = reference_features(models, cases)
-    runs = {"unoptimised": run_unoptimised(models, reward, cases)}
+    runs = {"unoptimised": run_unoptimised(models, reward, cases, setting.eta, setting.guidance)}
     for method in ("dno_gamma0", "dno", "zeroth_order"):
         runs[method] = run_optimiser(models, reward, cases, setting, method)
         log(f"  {name} {method}: reward {mean(runs[method].reward):.3f}, {runs[method].seconds:.0f} s")
     n = round(runs["dno"].evaluations_per_image / SAMPLING_STEPS)
-    runs["best_of_n"] = run_best_of_n(models, reward, cases, n)
+    runs["best_of_n"] = run_best_of_n(models, reward, cases, n, eta=setting.eta, guidance=setting.guidance)
     out = {}
     for method in METHODS:
         r = runs[method]

@@ -15,6 +15,10 @@ from typing import Optional, Sequence
 
 SHAPES_REWARDS = ("brightness", "darkness", "saturation", "contrast", "jpeg_incompressibility",
                   "jpeg_compressibility")
+# the objects model (the default) also has the learned reward, scored against the prompt
+OBJECTS_REWARDS = ("preference",) + SHAPES_REWARDS
+MODELS = ("objects", "shapes")
+OBJECTS_PROMPT = "a red circle"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")   # dno.precision.CHOICES, without importing torch
 SHAPES_SAMPLES = 8
 SHAPES_SAMPLING_STEPS = 10
@@ -24,17 +28,19 @@ SHAPES_OUT = Path("outputs/demo")
 # What a first look on a CPU can afford (printed as the hint in --checkpoint mode).
 CPU_HINT = {"width": 256, "height": 256, "steps": 10, "opt_steps": 5}
 
-SHAPES_ONLY = ("gamma", "samples")
-CHECKPOINT_ONLY = ("workflow", "comfyui", "width", "height", "prompt", "negative", "image", "controlnet",
+SHAPES_ONLY = ("gamma", "samples", "model", "guidance")
+CHECKPOINT_ONLY = ("workflow", "comfyui", "width", "height", "negative", "image", "controlnet",
                    "device", "timeout")
 
 DESCRIPTION = """\
 Direct Noise Optimization, end to end.
 
-Without --checkpoint: DNO on our 1.2M-parameter shapes diffusion model, on the CPU (about a
-minute). Prints the reward per DNO step, then the reward and the in-distribution measures
-before and after; writes <out>/before_after.png (top row unoptimised, bottom row DNO) and
-<out>/reward_curve.png.
+Without --checkpoint: DNO on our own small diffusion model, on the CPU (under a minute): by
+default the 1.8M-parameter class-conditional objects model with classifier-free guidance, the
+prompt "a red circle" and the learned preference reward ("a large, centred, saturated object
+of the prompted kind"); --model shapes is the older unconditional model. Prints the reward per
+DNO step, then the reward and the in-distribution measures before and after; writes
+<out>/before_after.png (top row unoptimised, bottom row DNO) and <out>/reward_curve.png.
 
 With --checkpoint FILE: the example workflow (example_workflows/api/) on that checkpoint
 through a real ComfyUI server, streaming the model loading, the sampling progress and every
@@ -43,8 +49,9 @@ left out keep the workflow's own values (512x512, 50 sampling steps, 20 DNO step
 
 EPILOG = """\
 examples:
-  python3 -m demo.run_dno                                    # brightness, regulariser on, 8 samples
-  python3 -m demo.run_dno --gamma 0                          # no regulariser: watch it reward-hack
+  python3 -m demo.run_dno                                    # "a red circle", learned reward, 8 samples
+  python3 -m demo.run_dno --prompt "a blue cross" --gamma 0  # no regulariser: watch it reward-hack
+  python3 -m demo.run_dno --reward brightness                # a pixel reward
   python3 -m demo.run_dno --reward jpeg_incompressibility    # non-differentiable: hybrid estimator
   python3 -m demo.run_dno --checkpoint v1-5-pruned-emaonly.safetensors \\
       --width 256 --height 256 --steps 10 --opt-steps 5      # a first look on a CPU
@@ -58,7 +65,8 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     both = p.add_argument_group("both modes")
     both.add_argument("--reward", metavar="NAME",
-                      help="what DNO maximises: " + " | ".join(SHAPES_REWARDS) + " (default brightness; with "
+                      help="what DNO maximises: " + " | ".join(OBJECTS_REWARDS) + " (default preference, the "
+                           "learned reward; the shapes model has all but preference and defaults to brightness; with "
                            "--checkpoint a built-in reward of the workflow: brightness, darkness, saturation, "
                            "contrast; default: the workflow's)")
     both.add_argument("--opt-steps", type=int, metavar="N",
@@ -81,7 +89,16 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
     both.add_argument("--out", type=Path, metavar="DIR",
                       help=f"output folder (default {SHAPES_OUT}; with --checkpoint outputs/comfy)")
 
-    shapes = p.add_argument_group("the shapes model (without --checkpoint)")
+    both.add_argument("--prompt", help=f"the prompt: for the objects model one of its 16, \"a <red|yellow|green|blue> "
+                                       f"<circle|square|triangle|cross>\" (default \"{OBJECTS_PROMPT}\"); with "
+                                       "--checkpoint the positive prompt")
+
+    shapes = p.add_argument_group("our own models (without --checkpoint)")
+    shapes.add_argument("--model", choices=MODELS,
+                        help="objects (default): class-conditional, with a prompt and CFG; shapes: unconditional")
+    shapes.add_argument("--guidance", type=float, metavar="SCALE",
+                        help="classifier-free guidance scale of the objects model (default: the one it was "
+                             "evaluated at, 4)")
     shapes.add_argument("--gamma", type=float, help="weight of the probability regulariser, 0 = off (default 10, 100 for "
                                                         "jpeg_incompressibility)")
     shapes.add_argument("--samples", type=int, metavar="N",
@@ -100,7 +117,6 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
                            ".cache/comfyui)")
     ckpt.add_argument("--width", type=int, help="image width (default: the workflow's 512)")
     ckpt.add_argument("--height", type=int, help="image height (default: the workflow's 512)")
-    ckpt.add_argument("--prompt", help="positive prompt")
     ckpt.add_argument("--negative", help="negative prompt")
     ckpt.add_argument("--image", type=Path, metavar="FILE",
                       help="input image for the img2img and ControlNet workflows")
@@ -125,8 +141,19 @@ def parse(argv: Optional[Sequence[str]] = None, prog: str = "python3 -m demo.run
         wrong = [name for name in CHECKPOINT_ONLY if getattr(ns, name) is not None]
         if wrong:
             p.error(f"--{wrong[0]} applies to the ComfyUI workflow: it needs --checkpoint FILE")
-        if ns.reward is not None and ns.reward not in SHAPES_REWARDS:
-            p.error(f"--reward {ns.reward!r}: the shapes model's rewards are {', '.join(SHAPES_REWARDS)}")
+        model = ns.model or "objects"
+        rewards = OBJECTS_REWARDS if model == "objects" else SHAPES_REWARDS
+        if ns.reward is not None and ns.reward not in rewards:
+            p.error(f"--reward {ns.reward!r}: the {model} model's rewards are {', '.join(rewards)}")
+        if model == "shapes" and (ns.prompt is not None or ns.guidance is not None):
+            p.error(f"--{'prompt' if ns.prompt is not None else 'guidance'} applies to the objects model; "
+                    "the shapes model is unconditional")
+        if ns.prompt is not None:
+            from demo.prompts import PROMPTS, label_of
+            try:
+                label_of(ns.prompt)
+            except ValueError:
+                p.error(f"--prompt {ns.prompt!r}: the objects model knows " + ", ".join(PROMPTS))
     else:
         wrong = [name for name in SHAPES_ONLY if getattr(ns, name) is not None]
         if wrong:

@@ -24,31 +24,16 @@ from typing import List, Sequence, Union
 
 import torch
 
+from demo.prompts import COLOURS, KINDS, NUM_CLASSES, PROMPTS, label_of  # noqa: F401 (re-exported)
 from demo.shapes import IMAGE_SIZE, PIXEL_MAX, PIXEL_MIN, _hsv_to_rgb
 
-KINDS = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "yellow", "green", "blue")
 HUES = {"red": 0.0, "yellow": 0.15, "green": 0.34, "blue": 0.62}
-PROMPTS = tuple(f"a {colour} {kind}" for kind in KINDS for colour in COLOURS)
-NUM_CLASSES = len(PROMPTS)          # 16; the conditional model's "no prompt" label is NUM_CLASSES
 
 RADIUS = (0.12, 0.30)
 CENTRE = (0.2, 0.8)
 SATURATION = (0.45, 1.0)
 VALUE = (0.55, 0.95)
 HUE_JITTER = 0.03
-
-
-def label_of(prompt: Union[str, int]) -> int:
-    """Class index of a prompt ("a red circle") or of an index; a clear error otherwise."""
-    if isinstance(prompt, int) and 0 <= prompt < NUM_CLASSES:
-        return prompt
-    text = " ".join(str(prompt).lower().split())
-    if text in PROMPTS:
-        return PROMPTS.index(text)
-    if "a " + text in PROMPTS:
-        return PROMPTS.index("a " + text)
-    raise ValueError(f"unknown prompt {prompt!r} for the objects model; use one of: {', '.join(PROMPTS)}")
 
 
 def kind_of(label: int) -> int:

@@ -1,7 +1,8 @@
-"""The demo's main job: DNO on the small shapes diffusion model, on the CPU, in about a minute.
+"""The demo's main job: DNO on our own small diffusion model, on the CPU, in under a minute.
 
-    python3 -m demo.run_dno                         # brightness, regularised, 8 samples
+    python3 -m demo.run_dno                         # "a red circle", the learned reward, regularised, 8 samples
     python3 -m demo.run_dno --gamma 0               # no regulariser: watch it reward-hack
+    python3 -m demo.run_dno --model shapes          # the unconditional shapes model, brightness
     python3 -m demo.run_dno --reward jpeg_incompressibility   # non-differentiable: hybrid estimator
     python3 -m demo.run_dno --checkpoint model.safetensors    # the example workflow on a real ComfyUI host
 
@@ -73,11 +74,12 @@ def describe(summary: RunSummary) -> str:
 
 
 def main(argv: Sequence[str] = None) -> RunSummary:
-    """The shapes-model run (``--checkpoint`` is handled by :func:`entry`)."""
+    """The run on our own model (``--checkpoint`` is handled by :func:`entry`)."""
     args = cli.parse(argv)
     if args.checkpoint is not None:
-        raise SystemExit("demo.run_dno.main runs the shapes model; use entry() (the command line) for --checkpoint")
-    args.reward = args.reward or "brightness"
+        raise SystemExit("demo.run_dno.main runs our own model; use entry() (the command line) for --checkpoint")
+    objects = (args.model or "objects") == "objects"
+    args.reward = args.reward or ("preference" if objects else "brightness")
     torch.set_num_threads(args.threads or cli.SHAPES_THREADS)
     samples = args.samples or cli.SHAPES_SAMPLES
     sampling_steps = args.steps or cli.SHAPES_SAMPLING_STEPS
@@ -86,21 +88,35 @@ def main(argv: Sequence[str] = None) -> RunSummary:
 
     from tqdm import tqdm
 
-    from demo.model import load_denoiser
-    from demo.realism import load_classifier
     from dno.precision import module_dtype, resolve_precision
 
-    settings = dict(DEFAULTS.get(args.reward, FALLBACK))
+    settings = dict(objects_settings(args.reward) if objects else DEFAULTS.get(args.reward, FALLBACK))
     for key, flag in (("gamma", "gamma"), ("steps", "opt_steps"), ("lr", "lr")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
-    reward = make_reward(args.reward)
-    denoiser, classifier = load_denoiser(), load_classifier()
     first_seed = args.seed or 0
     seeds = list(range(first_seed, first_seed + samples))
-    resolved = resolve_precision(precision, "cpu", module_dtype(denoiser))
-    print(f"DNO on the shapes model: reward {args.reward}, {settings['steps']} DNO steps x {sampling_steps} "
-          f"sampling steps, {samples} samples, gamma {settings['gamma']}, lr {settings['lr']}, "
+    if objects:
+        from demo.alignment import load_models
+        from demo.prompts import label_of
+
+        prompt = args.prompt or cli.OBJECTS_PROMPT
+        models = load_models()
+        # the experiment's scale for this reward (its settings were tuned there), else the model's own
+        guidance = args.guidance if args.guidance is not None else settings.pop("guidance", models.guidance)
+        what = f"the objects model, prompt {prompt!r}, guidance {guidance:g}"
+        dtype = module_dtype(models.unet)
+    else:
+        from demo.model import load_denoiser
+        from demo.realism import load_classifier
+
+        denoiser, classifier = load_denoiser(), load_classifier()
+        what = "the shapes model"
+        dtype = module_dtype(denoiser)
+    resolved = resolve_precision(precision, "cpu", dtype)
+    sampler = "ODE (x_T optimised)" if settings.get("eta", 1.0) == 0 else "ancestral"
+    print(f"DNO on {what}: reward {args.reward}, {settings['steps']} DNO steps x {sampling_steps} "
+          f"{sampler} sampling steps, {samples} samples, gamma {settings['gamma']}, lr {settings['lr']}, "
           f"precision {precision}{f' -> {resolved}' if precision == 'auto' else ''} (CPU)", flush=True)
 
     bar = tqdm(total=settings["steps"] + 1, desc=f"DNO {args.reward}", unit="step")
@@ -109,19 +125,37 @@ def main(argv: Sequence[str] = None) -> RunSummary:
         bar.set_postfix(reward=f"{float(info.reward.mean()):.3f}", best=f"{float(info.best_reward.mean()):.3f}")
         bar.update(1)
 
-    summary = dno_run(denoiser, classifier, reward, seeds, gamma=settings["gamma"], steps=settings["steps"],
-                      lr=settings["lr"], sampling_steps=sampling_steps, q=settings["q"], mu=settings["mu"],
-                      permutations=8, precision=resolved, callback=progress)
+    if objects:
+        from demo.alignment import dno_on_prompt
+
+        summary = dno_on_prompt(models, args.reward, label_of(prompt), seeds, guidance=guidance,
+                                sampling_steps=sampling_steps, precision=resolved, callback=progress, **settings)
+    else:
+        summary = dno_run(denoiser, classifier, make_reward(args.reward), seeds, gamma=settings["gamma"],
+                          steps=settings["steps"], lr=settings["lr"], sampling_steps=sampling_steps, q=settings["q"],
+                          mu=settings["mu"], permutations=8, precision=resolved, callback=progress)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
     save_grid(summary.images_before, summary.images_after, out / "before_after.png")
-    title = f"{args.reward}, gamma={settings['gamma']}, lr={settings['lr']}, seeds {seeds[0]}..{seeds[-1]}"
+    subject = f"{prompt!r}, " if objects else ""
+    title = f"{subject}{args.reward}, gamma={settings['gamma']}, lr={settings['lr']}, seeds {seeds[0]}..{seeds[-1]}"
     save_curve(summary.reward_curve, out / "reward_curve.png", title)
     print(describe(summary))
-    print("realism = classifier probability of 'uncorrupted dataset image' (dataset ~0.78, model samples ~0.6-0.7); "
+    data = "dataset ~0.87, model samples ~0.86" if objects else "dataset ~0.78, model samples ~0.6-0.7"
+    print(f"realism = classifier probability of 'uncorrupted dataset image' ({data}); "
           "denoise err = the model's own x0 error on the image (lower = more in distribution)")
     print(f"wrote {out / 'before_after.png'} (top: unoptimised, bottom: DNO) and {out / 'reward_curve.png'}")
     return summary
+
+
+def objects_settings(reward: str) -> dict:
+    """The objects model's settings for a reward: those of the experiment (demo.alignment)."""
+    from dataclasses import asdict
+
+    from demo.alignment import SETTINGS, Setting
+
+    setting = SETTINGS.get(reward, Setting(steps=20, lr=0.01, gamma=10.0, mu=0.05))
+    return {k: v for k, v in asdict(setting).items() if k in ("steps", "lr", "gamma", "mu", "q", "eta", "guidance")}
 
 
 def entry(argv: Sequence[str] = None) -> int:

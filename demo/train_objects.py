@@ -114,7 +114,7 @@ class Trainer:
                 with torch.no_grad():
                     for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                         pe.lerp_(pm, 1 - decay)
-            value = float(loss) if self.step % 25 == 0 or self.step == self.steps - 1 else None
+            value = float(loss.detach()) if self.step % 25 == 0 or self.step == self.steps - 1 else None
             if value is not None:
                 self.running = value if self.running is None else 0.8 * self.running + 0.2 * value
             if self.step % 250 == 0 or self.step == self.steps - 1:
@@ -188,11 +188,12 @@ def realism_loss(model: RealismClassifier, batch: int, device, seed0: int):
 
 
 @torch.no_grad()
-def evaluate(unet: UNet, recogniser, realism_judge, preference_net, device, log, guidances=(1.0, 2.0, 3.0, 4.0)):
-    """Recogniser accuracy, realism and preference of 16 samples per prompt, per guidance scale."""
+def evaluate(unet: UNet, recogniser, realism_judge, preference_net, device, log, guidances=(1.0, 2.0, 3.0, 4.0),
+             per_prompt: int = 16):
+    """Recogniser accuracy, realism and preference of ``per_prompt`` samples per prompt, per guidance scale."""
     from dno import DNONoise, VP, sample
 
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(16)
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_prompt)
     sigmas = sampling_sigmas(10)
     noise = DNONoise.from_seed((labels.numel(), 3, 32, 32), 10, seed=123, sde=True, device=device)
     data = make_objects(777, labels.numel(), labels=labels, device=device)
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
                         help="training state, for resuming after --time-limit")
     parser.add_argument("--time-limit", type=float, default=1e9, help="seconds before saving the state and exiting (3)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-per-prompt", type=int, default=16, help="samples per prompt in the final evaluation")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="train only these (the others are read from --out for the evaluation)")
     args = parser.parse_args(argv)
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
         log(f"out of time ({stop}); state saved in {args.work}: run the same command again to resume")
         return 3
     results = evaluate(trained["diffusion"], trained["classifier"], trained["realism"], trained["preference"],
-                       device, log)
+                       device, log, per_prompt=args.eval_per_prompt)
     (args.work / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "training_log_objects.txt").write_text("\n".join(lines) + "\n")
     return 0

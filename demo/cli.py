@@ -157,7 +157,7 @@ def parse(argv: Optional[Sequence[str]] = None, prog: str = "python3 -m demo.run
     else:
         wrong = [name for name in SHAPES_ONLY if getattr(ns, name) is not None]
         if wrong:
-            p.error(f"--{wrong[0]} applies to the shapes model only; leave it out with --checkpoint")
+            p.error(f"--{wrong[0]} applies to our own models only (objects, shapes); leave it out with --checkpoint")
     for name, low in (("opt_steps", 1), ("steps", 1), ("samples", 1), ("threads", 1)):
         value = getattr(ns, name)
         if value is not None and value < low:

@@ -10,7 +10,8 @@ Margins (means over the 8 cases):
   its noise typical (P >= 0.9); with gamma = 0 on the same cases the reward rises by more and
   realism falls by >= 0.40, the noise leaving the typical set (P <= 0.7): the hack;
 * brightness and JPEG size (ancestral sampling, every noise optimised): DNO with the regulariser
-  beats best-of-N; gamma = 0 collapses realism;
+  beats best-of-N; gamma = 0 collapses realism to under half the unoptimised, and the regulariser
+  keeps it >= 0.2 above that;
 * zeroth-order search at equal evaluations gains less than DNO on every reward.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_pixel_rewards_dno_beats_best_of_n_and_gamma_zero_collapses(results, nam
     before, dno, hack, best, zo = (runs[k] for k in ("unoptimised", "dno", "dno_gamma0", "best_of_n", "zeroth_order"))
     assert m(dno, "reward") > m(best, "reward")
     assert m(hack, "realism") <= 0.5 * m(before, "realism")
-    assert m(dno, "realism") >= m(hack, "realism") + 0.3
+    assert m(dno, "realism") >= m(hack, "realism") + 0.2
     assert m(zo, "reward") < m(dno, "reward")
 
 

@@ -46,7 +46,7 @@ def test_help_shows_both_modes_and_one_meaning_per_flag():
     text = done.stdout
     for flag in ("--checkpoint", "--workflow", "--comfyui", "--width", "--height", "--prompt", "--negative",
                  "--image", "--controlnet", "--device", "--timeout", "--opt-steps", "--steps", "--lr", "--seed",
-                 "--precision", "--reward", "--threads", "--out", "--gamma", "--samples"):
+                 "--precision", "--reward", "--threads", "--out", "--gamma", "--samples", "--model", "--guidance"):
         help_of(text, flag)
     assert "DNO optimisation steps" in help_of(text, "--opt-steps")
     steps = help_of(text, "--steps")
@@ -64,9 +64,13 @@ def test_help_shows_both_modes_and_one_meaning_per_flag():
     (["--opt-steps", "0"], ["--opt-steps must be at least 1", "nothing to optimise or plot"]),
     (["--steps", "0"], ["--steps must be at least 1"]),
     (["--width", "256"], ["--width", "needs --checkpoint"]),
-    (["--checkpoint", "model.safetensors", "--gamma", "0"], ["--gamma", "shapes model only"]),
+    (["--checkpoint", "model.safetensors", "--gamma", "0"], ["--gamma", "our own models only"]),
     (["--sampling-steps", "4"], ["--sampling-steps is now --steps", "--opt-steps"]),
-    (["--reward", "hpsv2"], ["--reward 'hpsv2'", "brightness"]),
+    (["--reward", "hpsv2"], ["--reward 'hpsv2'", "preference", "brightness"]),
+    (["--model", "shapes", "--reward", "preference"], ["--reward 'preference'", "shapes model's rewards"]),
+    (["--prompt", "a purple star"], ["--prompt 'a purple star'", "a red circle", "a blue cross"]),
+    (["--model", "shapes", "--prompt", "a red circle"], ["--prompt applies to the objects model", "unconditional"]),
+    (["--checkpoint", "model.safetensors", "--guidance", "2"], ["--guidance", "our own models only"]),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, args, words):
     plot = tmp_path / "reward_curve.png"
@@ -78,17 +82,28 @@ def test_bad_flags_are_refused_before_anything_is_written(tmp_path, args, words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reward_curve.png"]
 
 
-def test_shapes_demo_says_what_it_runs_and_writes_the_plots(tmp_path):
+def test_demo_says_what_it_runs_and_writes_the_plots(tmp_path):
+    """The default: the objects model, its default prompt and the learned reward."""
     done = demo("--opt-steps", "2", "--steps", "4", "--samples", "2", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "2 DNO steps x 4 sampling steps, 2 samples" in out, out
+    assert "the objects model, prompt 'a red circle', guidance 3" in out, out
+    assert "reward preference, 2 DNO steps x 4 ODE (x_T optimised) sampling steps, 2 samples" in out, out
     assert "precision auto -> fp32 (CPU)" in out
     # --steps is sampling steps here too: 3 renders (the start and 2 updates) x 4 steps
     assert "(12 denoiser evals/image" in out, out
-    assert "DNO brightness" in done.stderr and "3/3" in done.stderr  # the progress bar
+    assert "DNO preference" in done.stderr and "3/3" in done.stderr  # the progress bar
     assert (tmp_path / "before_after.png").stat().st_size > 1000
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
+
+
+def test_shapes_model_demo_runs_its_pixel_reward(tmp_path):
+    done = demo("--model", "shapes", "--opt-steps", "2", "--steps", "4", "--samples", "2", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "DNO on the shapes model: reward brightness, 2 DNO steps x 4 ancestral sampling steps, 2 samples" \
+        in done.stdout, done.stdout
+    assert "DNO brightness" in done.stderr and "3/3" in done.stderr
+    assert (tmp_path / "before_after.png").stat().st_size > 1000
 
 
 # --------------------------------------------------------------------------- the demo's own requirements

@@ -187,7 +187,7 @@ def test_quick_start_holds_the_two_commands_and_ci_runs_the_second():
 def test_the_first_screen_shows_the_pictures():
     intro = README[:heading_positions(README)["Quick start"]]
     pictures = re.findall(r'<img src="([^"]+)"', intro) + re.findall(r"!\[[^\]]*\]\(([^)]+)\)", intro)
-    assert "docs/images/dno_ksampler_node.png" in pictures and "demo/examples/brightness_reg_before_after.png" in pictures
+    assert "docs/images/dno_ksampler_node.png" in pictures and "demo/examples/preference_grid.png" in pictures
     for path in pictures:
         assert (REPO / path).is_file(), path
     shot = Image.open(REPO / "docs/images/dno_ksampler_node.png")

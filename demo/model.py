@@ -262,6 +262,15 @@ def read_weights(path: Path, what: str):
 OBJECTS_WEIGHTS = WEIGHTS_DIR / "objects_diffusion.safetensors"
 
 
+def load_network(make: Callable[[int], nn.Module], path: Path, what: str, device: str = "cpu") -> nn.Module:
+    """A judge or reward network from a committed file: ``make(width)`` with the width its
+    metadata records (32 when it records none), in eval mode and frozen."""
+    state, meta = read_weights(path, what)
+    net = make(int(meta.get("width", 32)))
+    net.load_state_dict(state)
+    return net.to(device).eval().requires_grad_(False)
+
+
 def load_unet(path: Path, what: str = "diffusion") -> Tuple[UNet, dict]:
     """(UNet, metadata) of a file written by ``demo.train`` / ``demo.train_objects``."""
     state, meta = read_weights(path, what)

@@ -17,9 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from demo.model import WEIGHTS_DIR, encode, read_weights
+from demo.model import WEIGHTS_DIR, encode, load_network
 from demo.objects import NUM_CLASSES, label_of
 from dno.rewards.base import Reward
 
@@ -58,10 +57,7 @@ class PreferenceNet(nn.Module):
 
 
 def load_preference_net(path: Path = PREFERENCE_WEIGHTS, device: str = "cpu") -> PreferenceNet:
-    state, meta = read_weights(path, "objects preference reward")
-    net = PreferenceNet(int(meta.get("width", 32)))
-    net.load_state_dict(state)
-    return net.to(device).eval().requires_grad_(False)
+    return load_network(PreferenceNet, path, "objects preference reward", device)
 
 
 class PreferenceReward(Reward):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from demo.model import WEIGHTS_DIR, encode, read_weights
+from demo.model import WEIGHTS_DIR, encode, load_network
 
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "realism_classifier.safetensors"
 
@@ -95,10 +95,7 @@ def corrupt(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def load_classifier(path: Path = CLASSIFIER_WEIGHTS, device: str = "cpu") -> RealismClassifier:
-    state, meta = read_weights(path, "realism classifier")
-    model = RealismClassifier(int(meta.get("width", 32)))
-    model.load_state_dict(state)
-    return model.to(device).eval().requires_grad_(False)
+    return load_network(RealismClassifier, path, "realism classifier", device)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from demo.model import WEIGHTS_DIR, encode, read_weights
+from demo.model import WEIGHTS_DIR, encode, load_network
 from demo.objects import NUM_CLASSES
 
 RECOGNISER_WEIGHTS = WEIGHTS_DIR / "objects_classifier.safetensors"
@@ -47,10 +47,7 @@ class ObjectClassifier(nn.Module):
 
 
 def load_recogniser(path: Path = RECOGNISER_WEIGHTS, device: str = "cpu") -> ObjectClassifier:
-    state, meta = read_weights(path, "objects classifier")
-    net = ObjectClassifier(int(meta.get("width", 32)))
-    net.load_state_dict(state)
-    return net.to(device).eval().requires_grad_(False)
+    return load_network(ObjectClassifier, path, "objects classifier", device)
 
 
 @torch.no_grad()

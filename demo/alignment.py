@@ -38,16 +38,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from demo.experiment import CountingDenoiser, make_reward as make_pixel_reward
+from demo.experiment import CountingDenoiser, dno_run, make_reward as make_pixel_reward, seed_noise
 from demo.model import GuidedDenoiser, OBJECTS_WEIGHTS, decode, load_unet, sampling_sigmas
 from demo.objects import PROMPTS, make_objects
 from demo.preference import PreferenceReward, load_preference_net
 from demo.realism import denoising_error, load_classifier, realism
-from demo.recognise import accuracy, features, kernel_distance, load_recogniser
+from demo.recognise import features, kernel_distance, load_recogniser
 
 WEIGHTS = OBJECTS_WEIGHTS.parent
 REALISM_WEIGHTS = WEIGHTS / "objects_realism.safetensors"
-IMAGE_SHAPE = (3, 32, 32)
 SAMPLING_STEPS = 10
 # (prompt label, seed): each colour and each kind twice; the settings were tuned on TUNING only
 HELD_OUT = [(0, 1000), (5, 1001), (10, 1002), (15, 1003), (3, 1004), (6, 1005), (9, 1006), (12, 1007)]
@@ -123,11 +122,8 @@ class MethodResult:
     curve: List[Tuple[float, float]] = field(default_factory=list)   # (evaluations/img, mean best reward)
 
 
-def case_noise(cases: Sequence[Tuple[int, int]], device) -> "DNONoise":
-    from dno import DNONoise
-
-    parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, SAMPLING_STEPS, seed=int(s), sde=True) for _, s in cases]
-    return DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(device)
+def case_noise(cases: Sequence[Tuple[int, int]], device):
+    return seed_noise([s for _, s in cases], SAMPLING_STEPS, device)
 
 
 def noise_probability(noise, eta: float = 1.0) -> List[float]:
@@ -181,40 +177,12 @@ def dno_on_prompt(models: Models, reward_name: str, label: int, seeds: Sequence[
                   gamma: float, mu: float = 0.01, q: int = 8, eta: float = 1.0, guidance: Optional[float] = None,
                   sampling_steps: int = SAMPLING_STEPS, precision: str = "fp32", callback=None):
     """The demo command's run: DNO on one prompt from one noise per seed, with its measures
-    (a ``demo.experiment.RunSummary``, as the shapes model's run gives)."""
-    from demo.experiment import RunSummary
-    from dno import DNOConfig, DNONoise, ProbabilityRegularizer, VP, optimize
-
+    (``demo.experiment.dno_run``, as the shapes model's run, on the guided objects model)."""
     labels = torch.full((len(seeds),), int(label), dtype=torch.long)
-    counting = CountingDenoiser(models.denoiser(labels, guidance))
-    parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, sampling_steps, seed=int(s), sde=True) for s in seeds]
-    noise = DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(models.device)
-    config = DNOConfig(steps=steps, lr=lr, method="auto", q=q, mu=mu, checkpoint=False,
-                       estimator_batch=max(1, q // 2), precision=precision)
-    regularizer = ProbabilityRegularizer(gamma=gamma, k=1, permutations=8) if gamma > 0 else None
-    curve, first = [], {}
-
-    def on_step(info):
-        if info.step == 0:
-            first["image"] = info.image.clone()
-        curve.append(info.reward.tolist())
-        if callback is not None:
-            callback(info)
-
-    start = time.time()
-    result = optimize(counting, sampling_sigmas(sampling_steps).to(models.device), make_reward(reward_name, models),
-                      decode, noise=noise, schedule=VP, eta=eta, config=config, regularizer=regularizer,
-                      prompts=[PROMPTS[int(label)]] * len(seeds), callback=on_step)
-    seconds = time.time() - start
-    before, after = first["image"].clamp(0, 1), result.image.clamp(0, 1)
-    own = models.denoiser(labels, guidance=1.0)
-    return RunSummary(
-        reward_before=result.initial_reward.cpu(), reward_after=result.best_reward.cpu(),
-        realism_before=realism(before, models.realism), realism_after=realism(after, models.realism),
-        denoise_err_before=denoising_error(before, own), denoise_err_after=denoising_error(after, own),
-        images_before=before.cpu(), images_after=after.cpu(), reward_curve=curve,
-        denoiser_evaluations_per_image=counting.image_evaluations / len(seeds), seconds=seconds,
-        stop_reason=result.stop_reason)
+    return dno_run(models.denoiser(labels, guidance), models.realism, make_reward(reward_name, models), seeds,
+                   gamma=gamma, steps=steps, lr=lr, sampling_steps=sampling_steps, q=q, mu=mu, permutations=8,
+                   precision=precision, callback=callback, prompts=[PROMPTS[int(label)]] * len(seeds), eta=eta,
+                   measuring_denoiser=models.denoiser(labels, guidance=1.0), device=models.device)
 
 
 def dno_render_count(reward, setting: Setting) -> int:
@@ -239,10 +207,8 @@ def run_best_of_n(models: Models, reward, cases, n: int, seed_stride: int = 100_
         rewards, images, noises = [], [], []
         for chunk in range(0, n, 32):
             m = min(32, n - chunk)
-            parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, SAMPLING_STEPS,
-                                        seed=int(seed) if j == 0 else int(seed) + seed_stride * j, sde=True)
-                     for j in range(chunk, chunk + m)]
-            noise = DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(models.device)
+            noise = seed_noise([int(seed) if j == 0 else int(seed) + seed_stride * j for j in range(chunk, chunk + m)],
+                               SAMPLING_STEPS, models.device)
             image = decode(sample(counting, noise, sigmas, VP, eta=eta)).clamp(0, 1)
             rewards.append(reward(image, [PROMPTS[label]] * m).float().cpu())
             images.append(image.cpu())

@@ -60,18 +60,30 @@ class RunSummary:
     stop_reason: str = ""
 
 
-def dno_run(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, seeds: Sequence[int],
+def seed_noise(seeds: Sequence[int], sampling_steps: int, device="cpu"):
+    """One sampling noise per seed (x_T and every step's), batched in the order of ``seeds``."""
+    from dno import DNONoise
+
+    parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, sampling_steps, seed=int(s), sde=True) for s in seeds]
+    return DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(device)
+
+
+def dno_run(denoiser: torch.nn.Module, classifier: RealismClassifier, reward, seeds: Sequence[int],
             gamma: float, steps: int, lr: float = 0.01, sampling_steps: int = 10, method: str = "auto",
             q: int = 8, mu: float = 0.01, permutations: int = 0, k: int = 1, precision: str = "fp32",
-            callback: Optional[Callable] = None) -> RunSummary:
-    """Run DNO from one noise per seed (batched: seeds are independent problems)."""
+            callback: Optional[Callable] = None, prompts: Optional[Sequence[str]] = None, eta: float = 1.0,
+            measuring_denoiser: Optional[torch.nn.Module] = None, device="cpu") -> RunSummary:
+    """Run DNO from one noise per seed (batched: seeds are independent problems).
+
+    ``prompts`` go to the reward; the denoising error is measured with ``measuring_denoiser``
+    (default ``denoiser``; a guided model measures with its own unguided prediction).
+    """
     import time
 
-    from dno import DNOConfig, DNONoise, ProbabilityRegularizer, VP, optimize
+    from dno import DNOConfig, ProbabilityRegularizer, VP, optimize
 
-    sigmas = sampling_sigmas(sampling_steps)
-    noises = [DNONoise.from_seed((1,) + IMAGE_SHAPE, sampling_steps, seed=int(s), sde=True) for s in seeds]
-    noise = DNONoise(torch.cat([n.x_T for n in noises]), torch.cat([n.steps for n in noises], dim=1))
+    sigmas = sampling_sigmas(sampling_steps).to(device)
+    noise = seed_noise(seeds, sampling_steps, device)
     counting = CountingDenoiser(denoiser)
     regularizer = ProbabilityRegularizer(gamma=gamma, k=k, permutations=permutations) if gamma > 0 else None
     config = DNOConfig(steps=steps, lr=lr, method=method, q=q, mu=mu, checkpoint=False,
@@ -87,15 +99,16 @@ def dno_run(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, see
             callback(info)
 
     start = time.time()
-    result = optimize(counting, sigmas, reward, decode, noise=noise, schedule=VP, eta=1.0,
-                      config=config, regularizer=regularizer, callback=on_step)
+    result = optimize(counting, sigmas, reward, decode, noise=noise, schedule=VP, eta=eta,
+                      config=config, regularizer=regularizer, prompts=prompts, callback=on_step)
     seconds = time.time() - start
     before, after = first["image"], result.image.clamp(0, 1)
+    measuring = denoiser if measuring_denoiser is None else measuring_denoiser
     return RunSummary(
         reward_before=result.initial_reward.cpu(), reward_after=result.best_reward.cpu(),
         realism_before=realism(before, classifier), realism_after=realism(after, classifier),
-        denoise_err_before=denoising_error(before, denoiser), denoise_err_after=denoising_error(after, denoiser),
-        images_before=before, images_after=after, reward_curve=curve,
+        denoise_err_before=denoising_error(before, measuring), denoise_err_after=denoising_error(after, measuring),
+        images_before=before.cpu(), images_after=after.cpu(), reward_curve=curve,
         denoiser_evaluations_per_image=counting.image_evaluations / len(seeds), seconds=seconds,
         stop_reason=result.stop_reason)
 
@@ -104,7 +117,7 @@ def dno_run(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, see
 def best_of_n(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, seeds: Sequence[int], n: int,
               sampling_steps: int = 10, seed_stride: int = 100_000) -> RunSummary:
     """Best of ``n`` independent samples per seed: the baseline DNO must beat at equal evaluations."""
-    from dno import DNONoise, VP, sample
+    from dno import VP, sample
 
     sigmas = sampling_sigmas(sampling_steps)
     counting = CountingDenoiser(denoiser)
@@ -113,10 +126,8 @@ def best_of_n(denoiser: ShapesDenoiser, classifier: RealismClassifier, reward, s
         rewards, images = [], []
         for chunk_start in range(0, n, 32):
             m = min(32, n - chunk_start)
-            parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, sampling_steps,
-                                        seed=int(s) if j == 0 else int(s) + seed_stride * j, sde=True)
-                     for j in range(chunk_start, chunk_start + m)]
-            noise = DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1))
+            noise = seed_noise([int(s) if j == 0 else int(s) + seed_stride * j
+                                for j in range(chunk_start, chunk_start + m)], sampling_steps)
             img = decode(sample(counting, noise, sigmas, VP, eta=1.0)).clamp(0, 1)
             rewards.append(reward(img, None).float())
             images.append(img)

@@ -38,6 +38,7 @@ from demo.objects import COLOURS, NUM_CLASSES, make_objects, preference
 from demo.preference import PreferenceNet
 from demo.realism import RealismClassifier, corrupt
 from demo.recognise import ObjectClassifier
+from demo.train import _lr  # the shapes model's schedule: linear warm-up, then cosine to 0
 
 CONFIG = UNetConfig(channels=(32, 64, 128), blocks_per_level=1, attention_at_bottom=True, emb_dim=128,
                     num_classes=NUM_CLASSES)
@@ -58,12 +59,6 @@ def _loaders():
 
 class OutOfTime(Exception):
     pass
-
-
-def _lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 class Trainer:

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,15 +87,25 @@ def test_run_end_to_end_matches_the_python_call(pipeline, tmp_path):
     assert records(out) == found
 
 
-def wait_for_results(out: Path, count: int, proc, timeout: float = 240) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = len(records(out))
-        if done >= count:
-            return done
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} results within {timeout}s")
+def stopped_after(args, results: int, out: Path):
+    """The CLI in a subprocess that stops itself (SIGSTOP) once its results file holds ``results``
+    lines (tests/cli_stopping_after.py): a signal sent now lands mid-run, after exactly those
+    results. Waits on the process's own stop, not on the clock (a watchdog kills it after 5 min)."""
+    wrapped = [sys.executable, str(REPO / "tests" / "cli_stopping_after.py"), str(results), *args[3:]]
+    proc = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**env(), "PYTHONPATH": str(REPO)})
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    finally:
+        watchdog.cancel()
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise AssertionError(f"the run ended (status {status}) before its result {results}: "
+                             f"{proc.stderr.read()[-3000:]}")
+    assert len(records(out)) == results
+    return proc
 
 
 def test_killed_and_interrupted_runs_resume_with_one_result_per_prompt(pipeline, tmp_path):
@@ -104,25 +114,24 @@ def test_killed_and_interrupted_runs_resume_with_one_result_per_prompt(pipeline,
     out = tmp_path / "out"
     args = command(pipeline, prompts, out, "--reward", "contrast", "--opt-steps", "6", "--lr", "0.1")
 
-    # a crash: SIGKILL as soon as the first result is written, and a line cut off mid-write
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
-    wait_for_results(out, 1, proc)
+    # a crash: SIGKILL right after the first result is written, and a line cut off mid-write
+    proc = stopped_after(args, 1, out)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     first = records(out)
-    assert 1 <= len(first) < 6, "killed mid-run"
+    assert len(first) == 1
     with open(out / "results.jsonl", "a") as handle:
         handle.write('{"key": "5:0", "prompt_index": 5, "rewa')          # what a crash mid-write leaves
 
     # Ctrl-C after one more result: stops with the message and exit code 130
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
-    wait_for_results(out, len(first) + 1, proc)
-    proc.send_signal(signal.SIGINT)
+    proc = stopped_after(args, 2, out)
+    proc.send_signal(signal.SIGINT)       # pending while stopped: delivered on SIGCONT, mid-run
+    proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted" in stderr and "run the same command again to resume" in stderr
     second = records(out)
-    assert second[:len(first)] == first and len(first) < len(second) < 6
+    assert second[:len(first)] == first and len(second) == 2
 
     # the same command finishes the rest
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=env())

@@ -22,6 +22,7 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, StopOptimization, optimize
 from ..dno.frozen import noise_only_backward
+from ..dno.residuals import functional_residuals
 from ..dno.layout import CONV_SHARE_FOR_CHANNELS_LAST, channels_last_weights, conv_weight_share
 from ..dno.precision import AUTO, resolve_precision
 from .history import history_json
@@ -123,6 +124,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
                 with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)), \
+                        functional_residuals(model_modules(base_model, controls)), \
                         channels_last_weights((base_model, *controls, s.vae.first_stage_model),
                                               enabled=channels_last_wanted(x_T.device, base_model.diffusion_model)):
                     if compiled:
@@ -195,6 +197,12 @@ class DNOHostSampler(comfy.samplers.Sampler):
             prepare(device, dtype)
         elif isinstance(reward, torch.nn.Module):
             reward.to(device)
+
+
+def model_modules(base_model, controls) -> list:
+    """Every module of the diffusion model and its ControlNets: where host layers may add
+    residuals in place (ComfyUI's Flux blocks), which dno/residuals.py makes out-of-place."""
+    return [m for root in (base_model.diffusion_model, *controls) for m in root.modules()]
 
 
 def explain_failure(error: RuntimeError, compiled: bool) -> Optional[str]:

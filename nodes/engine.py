@@ -208,9 +208,10 @@ def model_modules(base_model, controls) -> list:
 def explain_failure(error: RuntimeError, compiled: bool) -> Optional[str]:
     """The node error for a torch failure with a known cause and fix, or None."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
-        return ("DNO ran out of GPU memory: lower the batch size or the resolution, use precision "
-                "bf16/fp16, set memory_mode to a low-memory mode, or shorten the optimisation window "
-                "(opt_window)")
+        return ("DNO ran out of GPU memory. To fit: set memory_mode to 'lowest memory' (recomputes the "
+                "model's blocks), or lower memory_budget_gb (the auto mode then stores fewer steps); lower "
+                "the resolution or the batch size of latent_image; use precision bf16/fp16; or shorten "
+                "opt_window")
     if isinstance(error, torch.utils.checkpoint.CheckpointError) and compiled:
         return ("DNO: a checkpointed sampling step recomputed differently from its forward pass because "
                 "torch.compile (TorchCompileModel) changed the compiled code in between. Set memory_mode "

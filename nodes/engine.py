@@ -227,8 +227,14 @@ def explain_failure(error: RuntimeError, compiled: bool) -> Optional[str]:
 
 
 def check_latent_channels(shape, channels: int) -> None:
-    """The latent fits the model (``latent_image`` of either DNO node), else a DNOError naming it."""
-    if len(shape) != 4 or shape[1] != channels:
+    """The latent fits the model (``latent_image`` of either DNO node), else a DNOError naming it.
+
+    An image latent is (B, C, H, W); models with a video VAE that make images (Qwen-Image) use
+    (B, C, 1, H, W), one frame. More frames are a video, which DNO does not optimise."""
+    if len(shape) == 5 and shape[1] == channels and shape[2] != 1:
+        raise DNOError(f"the latent (latent_image) has {shape[2]} frames (shape {tuple(shape)}): DNO optimises "
+                       "images; use a latent of one frame (length 1)")
+    if len(shape) not in (4, 5) or shape[1] != channels:
         raise DNOError(f"the latent (latent_image) has shape {tuple(shape)} but this model works on "
                        f"{channels}-channel image latents: use a latent made for this model "
                        "(e.g. EmptyLatentImage, or VAEEncode with this model's VAE)")

@@ -236,6 +236,8 @@ def vae_decoder(vae, process_latent_out):
     def decode(latent: torch.Tensor) -> torch.Tensor:
         z = process_latent_out(latent).to(vae.device, vae.vae_dtype)
         image = vae.process_output(vae.first_stage_model.decode(z).float())
+        if image.dim() == 5 and image.shape[2] == 1:     # a video VAE's one frame (Qwen-Image)
+            image = image[:, :, 0]
         if image.dim() != 4:
             raise DNOError(f"the VAE decoded a {image.dim()}-D tensor; DNO supports image VAEs (4-D output)")
         return image

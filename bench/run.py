@@ -98,8 +98,9 @@ def plain_generation(bench, steps: int, seed: int, device, repeats: int) -> dict
             noise = comfy.sample.prepare_noise(latent, seed)
             sync(device)
             t0 = time.perf_counter()
-            samples = comfy.sample.sample(bench.model, noise, steps, bench.cfg, SAMPLER, bench.scheduler, bench.positive,
-                                          bench.negative, latent, denoise=1.0, seed=seed, disable_pbar=True)
+            samples = comfy.sample.sample(bench.model, noise, steps, bench.cfg, SAMPLER, bench.scheduler,
+                                          bench.positive, bench.negative, latent, denoise=1.0, seed=seed,
+                                          disable_pbar=True)
             sync(device)
             t1 = time.perf_counter()
             images = bench.vae.decode(samples)

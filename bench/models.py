@@ -1,11 +1,12 @@
-"""SD1.5 and SDXL built with ComfyUI's own classes and random, initialised weights.
+"""SD1.5, SDXL and the DiT families built with ComfyUI's own classes and random, initialised weights.
 
 No weights can be downloaded here, and speed and memory do not depend on the
 values, so the benchmark builds the real architectures (ComfyUI's model
 configs, ``BaseModel``/``SDXL``, ``ModelPatcher``, ``comfy.sd.VAE``) and fills
 every parameter: ComfyUI's ``ops`` leave weights uninitialised, and NaNs
 would be a bug. ``tiny=True`` shrinks the UNet for CPU smoke tests (the VAE
-is always the real SD KL VAE).
+is always the real SD KL VAE). The DiT families (Flux.1, Flux.2, Chroma, Qwen-Image,
+Z-Image, SD3.5) are in ``dit_models``; ``build`` takes them too.
 """
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ class Bench:
     negative: list
     width: int
     height: int
+    steps: int = 50      # the family's usual sampling steps, CFG and scheduler
+    cfg: float = 5.0
+    scheduler: str = "normal"
+    params: int = 0      # weights of the diffusion model (parameters and buffers)
+
+    def empty_latent(self, batch: int = 1) -> torch.Tensor:
+        """What the family's Empty*LatentImage node gives: the model's latent channels at the VAE's
+        spatial compression (4 x /8 for SD, 16 x /8 for Flux.1/SD3/Qwen, 128 x /16 for Flux.2)."""
+        channels = self.model.model.latent_format.latent_channels
+        factor = self.vae.spacial_compression_decode()
+        return torch.zeros(batch, channels, self.height // factor, self.width // factor)
 
 
 @torch.no_grad()
@@ -100,6 +112,21 @@ def build_model(kind: str, precision: str, device: torch.device, tiny: bool = Fa
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
+def random_state_dict(layout: dict, seed: int = 0) -> dict:
+    """Random CPU tensors for a state-dict layout (meta tensors): weights ~ N(0, 0.25 / fan_in),
+    biases and running means 0, norm scales (``gamma``) and running variances 1."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, t in layout.items():
+        if key.endswith(("bias", "running_mean", "num_batches_tracked")):
+            sd[key] = torch.zeros(t.shape, dtype=t.dtype)
+        elif t.dim() >= 2 and not key.endswith("gamma"):
+            sd[key] = torch.randn(t.shape, generator=gen) * (0.5 / math.sqrt(t[0].numel()))
+        else:
+            sd[key] = torch.ones(t.shape)
+    return sd
+
+
 def vae_state_dict(seed: int = 0) -> dict:
     """A random state dict in the SD KL-VAE layout (the layout read off ComfyUI's own module)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -108,16 +135,7 @@ def vae_state_dict(seed: int = 0) -> dict:
                 "dropout": 0.0}
     with torch.device("meta"):
         layout = AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, t in layout.items():
-        if t.dim() >= 2:
-            sd[key] = torch.randn(t.shape, generator=gen) * (0.5 / math.sqrt(t[0].numel()))
-        elif key.endswith("bias"):
-            sd[key] = torch.zeros(t.shape)
-        else:
-            sd[key] = torch.ones(t.shape)
-    return sd
+    return random_state_dict(layout, seed)
 
 
 def build_vae(precision: str, device: torch.device):
@@ -144,8 +162,28 @@ def conditioning(kind: str, width: int, height: int, device, seed: int = 0):
 
 
 def build(kind: str, precision: str, device, tiny: bool = False, resolution: int = 0) -> Bench:
+    if kind not in FULL:
+        return build_family(kind, precision, device, tiny, resolution)
     size = resolution or (64 if tiny else RESOLUTION[kind])
     model = build_model(kind, precision, torch.device(device), tiny)
     vae = build_vae(precision, torch.device(device))
     positive, negative = conditioning(kind, size, size, device)
-    return Bench(kind, model, vae, positive, negative, size, size)
+    return Bench(kind, model, vae, positive, negative, size, size,
+                 params=sum(t.numel() for t in model.model.diffusion_model.state_dict().values()))
+
+
+def build_family(kind: str, precision: str, device, tiny: bool = False, resolution: int = 0,
+                 seed: int = 0) -> Bench:
+    """A DiT family of ``dit_models.FAMILIES``: model, VAE, conditioning, steps, CFG, scheduler."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import dit_models
+    family = dit_models.FAMILIES[kind]
+    device = torch.device(device)
+    size = resolution or (64 if tiny else family.resolution)
+    model = dit_models.build_diffusion_model(kind, DTYPES[precision], device, tiny, seed)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+    vae = dit_models.build_vae(family.vae, precision, device, tiny, seed)
+    positive, negative = dit_models.conditioning(kind, model.latent_format, size, size, seed)
+    return Bench(kind, patcher, vae, positive, negative, size, size, steps=family.steps, cfg=family.cfg,
+                 scheduler=family.scheduler, params=dit_models.weight_count(model.diffusion_model))

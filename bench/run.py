@@ -1,11 +1,12 @@
 """DNO speed and memory benchmark through ComfyUI's own code path.
 
-For each model (SD1.5 512², SDXL 1024²) and configuration ``precision:mode``
-it measures, in one process:
+For each model (SD1.5 512², SDXL 1024², or a DiT family of bench/dit_models.py: Flux.1
+dev/schnell/Kontext, Flux.2, Chroma, Qwen-Image, Z-Image, SD3.5 large/medium, at 1024² with the
+family's steps, CFG and scheduler) and configuration ``precision:mode`` it measures, in one process:
 
 * a plain generation with ComfyUI's own sampler (``comfy.sample.sample``,
-  euler_ancestral = DDIM eta 1, the same sampler family DNO differentiates),
-  same steps, CFG and scheduler, plus one VAE decode;
+  euler_ancestral = DDIM eta 1, the same sampler family DNO differentiates; on flow models
+  ComfyUI runs it as euler_ancestral_RF), same steps, CFG and scheduler, plus one VAE decode;
 * DNO through the node pack's real path (``nodes.engine.run_ksampler``:
   CFGGuider, ModelPatcher, the DNO host sampler, differentiable VAE decode)
   with the regulariser on: the median time of one optimisation step after a
@@ -23,6 +24,7 @@ the numbers are the sampler's and the VAE's, not a reward model's.
 
     python bench/run.py --model sd15 --configs bf16:auto,bf16:step --out bench/results/x.jsonl
     python bench/run.py --model sd15 --tiny --device cpu --steps 4 --opt-steps 3   # smoke test
+    python bench/run.py --model flux-dev --configs bf16:step      # 28 steps, cfg 1, guidance 3.5
 """
 from __future__ import annotations
 
@@ -40,11 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_env import import_comfy, load_node_pack  # noqa: E402
+from dit_models import FAMILIES  # noqa: E402
+
+MODELS = ("sd15", "sdxl") + tuple(FAMILIES)
 
 GIB = 1024 ** 3
-CFG = 5.0
 SAMPLER = "euler_ancestral"   # DDIM eta=1 in sigma space is exactly this sampler for VP models
-SCHEDULER = "normal"
 
 
 class Brightness(torch.nn.Module):
@@ -87,15 +90,17 @@ def parse_mode(mode: str):
 def plain_generation(bench, steps: int, seed: int, device, repeats: int) -> dict:
     """ComfyUI's own sampler and VAE decode, as KSampler + VAEDecode run them (inference mode)."""
     import comfy.sample
-    latent = torch.zeros(1, 4, bench.height // 8, bench.width // 8)
+    # the family's Empty*LatentImage, then what KSampler does to it (5-D for Qwen-Image's Wan latent)
+    latent = comfy.sample.fix_empty_latent_channels(bench.model, bench.empty_latent())
     sampling, decoding = [], []
     with torch.inference_mode():
         for _ in range(repeats + 1):          # the first run warms up
             noise = comfy.sample.prepare_noise(latent, seed)
             sync(device)
             t0 = time.perf_counter()
-            samples = comfy.sample.sample(bench.model, noise, steps, CFG, SAMPLER, SCHEDULER, bench.positive,
-                                          bench.negative, latent, denoise=1.0, seed=seed, disable_pbar=True)
+            samples = comfy.sample.sample(bench.model, noise, steps, bench.cfg, SAMPLER, bench.scheduler,
+                                          bench.positive, bench.negative, latent, denoise=1.0, seed=seed,
+                                          disable_pbar=True)
             sync(device)
             t1 = time.perf_counter()
             images = bench.vae.decode(samples)
@@ -121,7 +126,7 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
     settings = engine.DNORunSettings(reward=Brightness(), vae=bench.vae, config=config, eta=1.0,
                                      regularizer=dno.ProbabilityRegularizer(gamma=1.0, k=1, permutations=16),
                                      preview_every=0)
-    latent = {"samples": torch.zeros(1, 4, bench.height // 8, bench.width // 8)}
+    latent = {"samples": bench.empty_latent()}
     gc.collect()
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -141,7 +146,7 @@ def dno_run(pack, bench, precision: str, mode: str, steps: int, opt_steps: int, 
     t0 = time.perf_counter()
     with torch.inference_mode():
         _, sampler = engine.run_ksampler(bench.model, bench.positive, bench.negative, latent, settings, seed,
-                                         steps, CFG, SCHEDULER, 1.0)
+                                         steps, bench.cfg, bench.scheduler, 1.0)
     sync(device)
     wall = time.perf_counter() - t0
     if profiler is not None:
@@ -276,7 +281,8 @@ def write_profile(profiler, path: str, wall: float, cuda: bool) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=("sd15", "sdxl"), required=True)
+    ap.add_argument("--model", choices=MODELS, required=True,
+                    help="sd15, sdxl or a DiT family of bench/dit_models.py (full size unless --tiny)")
     ap.add_argument("--configs", default="bf16:auto,fp16:auto,fp32:auto,bf16:step,fp16:step",
                     help="comma-separated precision:mode[@updates][/eager][/nchw] (modes: auto, auto=<GiB>, step, "
                          "blocks, store; /eager turns the CUDA-graph render off; /nchw keeps the weights' NCHW "
@@ -284,7 +290,10 @@ def main(argv=None) -> None:
     ap.add_argument("--compare", action="store_true",
                     help="run every configuration twice in this process, CUDA graphs on and off, and compare "
                          "the trajectories (the A/B of dno/graphed.py)")
-    ap.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="sampling steps (default: the family's: 50 for SD1.5/SDXL, 28 for Flux.1 dev, 4 schnell...)")
+    ap.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the family's: 5 for SD, 1 for "
+                    "Flux.1 dev with FluxGuidance 3.5, 4 for Chroma and Qwen-Image, 4.5 for SD3.5...)")
     ap.add_argument("--opt-steps", type=int, default=5, help="DNO updates per run (timed: all but first and last)")
     ap.add_argument("--opt-steps-fp32", type=int, default=3)
     ap.add_argument("--plain-repeats", type=int, default=2)
@@ -295,7 +304,7 @@ def main(argv=None) -> None:
                          "and the profiler's tables over 50 steps take longer than the run")
     ap.add_argument("--tiny", action="store_true", help="tiny UNet, 64x64 images (CPU smoke test)")
     ap.add_argument("--resolution", type=int, default=0,
-                    help="image side in pixels (default: 512 for SD1.5, 1024 for SDXL, 64 with --tiny)")
+                    help="image side in pixels (default: 512 for SD1.5, 1024 for SDXL and the DiTs, 64 with --tiny)")
     ap.add_argument("--weight-grads", action="store_true",
                     help="reproduce the runs before a5be112: leave requires_grad on the weights, so "
                          "every backward also computes weight gradients (A/B of dno/frozen.py)")
@@ -332,13 +341,18 @@ def main(argv=None) -> None:
     profiled = [args.profile.split(":")[0]] if args.profile else []
     for precision in dict.fromkeys([p for p, _ in configs] + profiled):
         bench = build(args.model, precision, device, tiny=args.tiny, resolution=args.resolution)
+        if args.cfg is not None:
+            bench.cfg = args.cfg
+        steps = args.steps or bench.steps
         if args.channels_last:     # NHWC weights: cuDNN's Hopper kernels need no layout conversion
             memory_format(bench, torch.channels_last)
         if args.compile:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
             set_torch_compile_wrapper(model=bench.model, backend=args.compile)
-        plain = plain_generation(bench, args.steps, args.seed, device, args.plain_repeats)
-        print(json.dumps({"model": args.model, "precision": precision, **plain}), flush=True)
+        plain = plain_generation(bench, steps, args.seed, device, args.plain_repeats)
+        print(json.dumps({"model": args.model, "precision": precision, "params": bench.params,
+                          "vae": type(bench.vae.first_stage_model).__name__, "steps": steps, "cfg": bench.cfg,
+                          "scheduler": bench.scheduler, "resolution": bench.width, **plain}), flush=True)
         runs = [m for p, m in configs if p == precision]
         if args.profile and args.profile.split(":")[0] == precision:
             runs.append("profile")
@@ -361,11 +375,11 @@ def main(argv=None) -> None:
                     continue
                 # the pack's own choice of layout (nodes/engine.py), or NCHW for an A/B
                 os.environ["DNO_CHANNELS_LAST"] = "0" if nchw else os.environ.get("BENCH_CHANNELS_LAST", "")
-                record = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
+                record = dno_run(pack, bench, precision, mode, steps, opt_steps, args.seed, device,
                                  cuda_graphs=graphs, keep_latent=args.compare, snapshot_to=args.memory_snapshot)
                 record["dno_channels_last"] = engine_layout(pack, bench, device)
                 if args.compare:
-                    other = dno_run(pack, bench, precision, mode, args.steps, opt_steps, args.seed, device,
+                    other = dno_run(pack, bench, precision, mode, steps, opt_steps, args.seed, device,
                                     cuda_graphs=not graphs, keep_latent=True)
                     ab = compare_runs(record, other) if graphs else compare_runs(other, record)
                     print(json.dumps({"eager_run": other}), flush=True)
@@ -380,8 +394,9 @@ def main(argv=None) -> None:
             record = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
                       "model": args.model, "tiny": args.tiny, "weight_grads": args.weight_grads,
                       "stock_conv": args.stock_conv, "channels_last": args.channels_last,
-                      "compile": args.compile or None, "resolution": bench.width, "steps": args.steps,
-                      "cfg": CFG, "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{SCHEDULER})",
+                      "compile": args.compile or None, "resolution": bench.width, "steps": steps,
+                      "params": bench.params, "cfg": bench.cfg,
+                      "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{bench.scheduler})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",
                       "precision": precision, "mode": mode, "commit": commit, **plain, **record}
             if record.get("dno_step_s"):

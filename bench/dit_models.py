@@ -172,7 +172,7 @@ def build_diffusion_model(kind: str, dtype: torch.dtype, device, tiny: bool = Fa
     model_config = config_class(unet)
     device = torch.device(device)
     manual_cast = None
-    if device.type != "meta":
+    if device.type != "meta" and dtype != torch.float64:   # float64: computed as it is (CPU references)
         manual_cast = mm.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast)
     model = model_config.get_model({}, "", device=device)
@@ -250,10 +250,14 @@ def build_vae(vae: str, precision: str, device, tiny: bool = False, seed: int = 
 
 # --------------------------------------------------------------------------- conditioning
 
-def conditioning(kind: str, latent_format, width: int, height: int, seed: int = 0):
+TINY_TOKENS = 8      # text tokens of the CPU variants: attention cost grows with them, nothing else does
+
+
+def conditioning(kind: str, latent_format, width: int, height: int, seed: int = 0, tokens: int = 0):
     """Random (positive, negative) in the format of the family's text encode node, with what
     FluxGuidance (``guidance``) and ReferenceLatent (``reference_latents``: one VAE latent of the
-    output's size, in the VAE's own space, on the positive only) add."""
+    output's size, in the VAE's own space, on the positive only) add. ``tokens``: the text length
+    (default: the family's)."""
     family = FAMILIES[kind]
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -262,7 +266,7 @@ def conditioning(kind: str, latent_format, width: int, height: int, seed: int = 
         extra = {"pooled_output": None if family.pooled is None else torch.randn(1, family.pooled, generator=gen)}
         if family.guidance is not None:
             extra["guidance"] = family.guidance
-        cross = torch.randn(1, family.tokens, family.context_dim, generator=gen)
+        cross = torch.randn(1, tokens or family.tokens, family.context_dim, generator=gen)
         if family.reference_latent and i == 0:
             shape = (1, latent_format.latent_channels, height // 8, width // 8)
             extra["reference_latents"] = [latent_format.process_out(torch.randn(shape, generator=gen))]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}   # fp64: the CPU gradient tests' reference precision
 
 # ComfyUI 0.3.75 model_detection.unet_config_from_diffusers_unet: the released architectures.
 SD15_UNET = {
@@ -184,6 +185,7 @@ def build_family(kind: str, precision: str, device, tiny: bool = False, resoluti
     model = dit_models.build_diffusion_model(kind, DTYPES[precision], device, tiny, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
     vae = dit_models.build_vae(family.vae, precision, device, tiny, seed)
-    positive, negative = dit_models.conditioning(kind, model.latent_format, size, size, seed)
+    positive, negative = dit_models.conditioning(kind, model.latent_format, size, size, seed,
+                                                 tokens=dit_models.TINY_TOKENS if tiny else 0)
     return Bench(kind, patcher, vae, positive, negative, size, size, steps=family.steps, cfg=family.cfg,
                  scheduler=family.scheduler, params=dit_models.weight_count(model.diffusion_model))

@@ -15,20 +15,22 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl-bench/*.w
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export COMFYUI_PATH=${COMFYUI_PATH:-$PWD/.cache/comfyui-slim}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-bench() { timeout "${BENCH_TIMEOUT:-590}" python3 bench/run.py "$@" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt" | grep -v '^{"eager_run"' | cut -c1-700; }
+bench() { timeout "$1" python3 bench/run.py "${@:2}" --out "$out/results.jsonl" 2>&1 | tee -a "$out/log.txt" | grep -v '^{"eager_run"' | cut -c1-700; }
 modes=bf16:auto@3,bf16:blocks@3
 case "$part" in
-  flux) bench --model flux-schnell --configs "$modes" --plain-repeats 3
-        bench --model flux-dev --configs "$modes" --plain-repeats 3 ;;
-  dits) bench --model z-image --configs "$modes" --plain-repeats 3
-        bench --model sd35-large --configs "$modes" --plain-repeats 3
-        bench --model chroma --configs "$modes" --plain-repeats 3 ;;
-  qwen) bench --model qwen-image --configs "$modes" --plain-repeats 3
-        bench --model flux-kontext --configs bf16:auto@3 --plain-repeats 3 ;;
-  cards) bench --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 12
-         bench --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 8
-         bench --model flux-schnell --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 16
-         bench --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 24 ;;
+  # (the first argument of bench is its time limit in seconds: a part stays within the call's 10 minutes,
+  # and every finished configuration's line is already in results.jsonl)
+  flux) bench 220 --model flux-schnell --configs "$modes" --plain-repeats 3 --compare
+        bench 340 --model flux-dev --configs "$modes" --plain-repeats 3 ;;
+  dits) bench 150 --model z-image --configs "$modes" --plain-repeats 3
+        bench 250 --model sd35-large --configs "$modes" --plain-repeats 3
+        bench 170 --model chroma --configs bf16:auto@3 --plain-repeats 3 ;;
+  qwen) bench 360 --model qwen-image --configs "$modes" --plain-repeats 3
+        bench 200 --model flux-kontext --configs bf16:auto@3 --plain-repeats 3 ;;
+  cards) bench 120 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 12
+         bench 120 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 8
+         bench 120 --model flux-schnell --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 16
+         bench 200 --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 24 ;;
   tests) python3 -m pytest tests/test_dit_gradients.py -q -p no:cacheprovider 2>&1 | tee "$out/pytest-dit.txt" | tail -20
          exit "${PIPESTATUS[0]}" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;

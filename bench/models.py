@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          "fp64": torch.float64}   # fp64: the CPU gradient tests' reference precision
+          "fp64": torch.float64,   # fp64: the CPU gradient tests' reference precision
+          "fp8_e4m3fn": torch.float8_e4m3fn}   # weights only, as ComfyUI's loaders' weight_dtype
 
 # ComfyUI 0.3.75 model_detection.unet_config_from_diffusers_unet: the released architectures.
 SD15_UNET = {
@@ -162,9 +163,13 @@ def conditioning(kind: str, width: int, height: int, device, seed: int = 0):
     return out
 
 
-def build(kind: str, precision: str, device, tiny: bool = False, resolution: int = 0) -> Bench:
+def build(kind: str, precision: str, device, tiny: bool = False, resolution: int = 0, weights: str = "") -> Bench:
+    """``weights``: the diffusion model's weight dtype when it differs from ``precision`` (fp8_e4m3fn:
+    stored in fp8, computed in ComfyUI's manual-cast dtype, as its loaders' weight_dtype does)."""
     if kind not in FULL:
-        return build_family(kind, precision, device, tiny, resolution)
+        return build_family(kind, precision, device, tiny, resolution, weights=weights)
+    if weights:
+        raise ValueError("--weight-dtype is for the DiT families")
     size = resolution or (64 if tiny else RESOLUTION[kind])
     model = build_model(kind, precision, torch.device(device), tiny)
     vae = build_vae(precision, torch.device(device))
@@ -174,7 +179,7 @@ def build(kind: str, precision: str, device, tiny: bool = False, resolution: int
 
 
 def build_family(kind: str, precision: str, device, tiny: bool = False, resolution: int = 0,
-                 seed: int = 0) -> Bench:
+                 seed: int = 0, weights: str = "") -> Bench:
     """A DiT family of ``dit_models.FAMILIES``: model, VAE, conditioning, steps, CFG, scheduler."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -182,7 +187,7 @@ def build_family(kind: str, precision: str, device, tiny: bool = False, resoluti
     family = dit_models.FAMILIES[kind]
     device = torch.device(device)
     size = resolution or (64 if tiny else family.resolution)
-    model = dit_models.build_diffusion_model(kind, DTYPES[precision], device, tiny, seed)
+    model = dit_models.build_diffusion_model(kind, DTYPES[weights or precision], device, tiny, seed)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
     vae = dit_models.build_vae(family.vae, precision, device, tiny, seed)
     positive, negative = dit_models.conditioning(kind, model.latent_format, size, size, seed,

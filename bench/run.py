@@ -320,11 +320,20 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-snapshot", default="", metavar="PATH",
                     help="record every allocation of each DNO run and append what is allocated at its peak, "
                          "by allocating code, to PATH (bench/peak_breakdown.py)")
+    ap.add_argument("--card-gb", type=float, default=0,
+                    help="emulate a card of this many GiB (bench/card.py): the allocator capped, and ComfyUI's "
+                         "model management told that total and free memory")
+    ap.add_argument("--weight-dtype", default="", choices=("", "fp8_e4m3fn"),
+                    help="the diffusion model's weights in fp8 (computed in bf16), as ComfyUI's loaders' weight_dtype")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
+    card = {}
+    if args.card_gb:       # before ComfyUI's model management reads the card's memory
+        from card import emulate_card
+        card = emulate_card(args.card_gb)
     import_comfy(cpu=args.device == "cpu")
     pack = load_node_pack()
     if args.weight_grads:
@@ -340,7 +349,8 @@ def main(argv=None) -> None:
     out = open(args.out, "a") if args.out else None
     profiled = [args.profile.split(":")[0]] if args.profile else []
     for precision in dict.fromkeys([p for p, _ in configs] + profiled):
-        bench = build(args.model, precision, device, tiny=args.tiny, resolution=args.resolution)
+        bench = build(args.model, precision, device, tiny=args.tiny, resolution=args.resolution,
+                      weights=args.weight_dtype)
         if args.cfg is not None:
             bench.cfg = args.cfg
         steps = args.steps or bench.steps
@@ -398,7 +408,8 @@ def main(argv=None) -> None:
                       "params": bench.params, "cfg": bench.cfg,
                       "sampler": f"DDIM eta=1 (ComfyUI {SAMPLER}/{bench.scheduler})",
                       "regularizer": "gamma=1 k=1 permutations=16", "reward": "mean brightness",
-                      "precision": precision, "mode": mode, "commit": commit, **plain, **record}
+                      "precision": precision, "weights": args.weight_dtype or precision, **card,
+                      "mode": mode, "commit": commit, **plain, **record}
             if record.get("dno_step_s"):
                 record["ratio_to_plain"] = round(record["dno_step_s"] / plain["plain_generation_s"], 3)
             record["command"] = command

@@ -56,7 +56,7 @@ SETTINGS = {
 OBJECTS_FALLBACK = Setting(steps=20, lr=0.01, gamma=10.0, mu=0.05)
 
 # The shapes model's settings (the acceptance test, tests/test_demo_alignment.py, checks them).
-# JPEG uses the hybrid estimator, whose image-space estimate has norm 2 per sample as in the
+# JPEG uses the hybrid estimator, whose image-space estimate has norm 2 per sample (less the guard) as in the
 # official code (dno/gradients.py): about 9x the unnormalised estimate's 0.15-0.3 on this model,
 # so its pull on the noise is always clipped to norm 1 and gamma weighs the regulariser against
 # that (gamma 10 before the normalisation, 100 now). Adam's step follows lr, not the gradient's scale.

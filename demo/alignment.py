@@ -39,11 +39,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from demo.experiment import CountingDenoiser, dno_run, make_reward as make_pixel_reward, seed_noise
+from demo.experiment import noise_probability as experiment_noise_probability
 from demo.model import GuidedDenoiser, OBJECTS_WEIGHTS, decode, load_unet, sampling_sigmas
 from demo.objects import PROMPTS, make_objects
 from demo.preference import PreferenceReward, load_preference_net
 from demo.realism import denoising_error, load_classifier, realism
 from demo.recognise import features, kernel_distance, load_recogniser
+# the experiment's settings, tuned on TUNING; the demo command runs with them too (demo/settings.py)
+from demo.settings import SETTINGS, Setting  # noqa: F401  (Setting: bench/tune_alignment.py builds its grid)
 
 WEIGHTS = OBJECTS_WEIGHTS.parent
 REALISM_WEIGHTS = WEIGHTS / "objects_realism.safetensors"
@@ -56,32 +59,6 @@ REWARDS = ("preference", "preference_sde", "brightness", "jpeg_incompressibility
 METHODS = ("unoptimised", "dno_gamma0", "dno", "best_of_n", "zeroth_order")
 REFERENCE_PER_PROMPT = 32       # dataset images per prompt for the kernel distance
 REFERENCE_SEED = 555
-
-
-@dataclass(frozen=True)
-class Setting:
-    steps: int                  # DNO updates
-    lr: float
-    gamma: float                # the regulariser's weight for "dno" and "zeroth_order"
-    mu: float = 0.01            # perturbation scale of the hybrid / zeroth-order estimators
-    q: int = 8                  # perturbed renders per update of the hybrid estimator
-    zo_q: int = 4               # ... of zeroth-order search (its steps follow from equal evaluations)
-    zo_lr: float = 0.02
-    eta: float = 1.0            # 1: ancestral sampling (x_T and every step's noise optimised); 0: ODE (x_T only)
-    reward: str = ""            # the reward, when the experiment's name is not it
-    guidance: float = 3.0       # CFG scale the settings were tuned at (the model's default is 4)
-
-
-# Tuned on TUNING (bench/results/2026-12-03-h200-alignment-tuning.jsonl and the CPU runs the README
-# names). The learned reward runs the ODE sampler (x_T only): with ancestral sampling every step
-# injects pixel noise, and DNO hacks the learned reward with noise that stays typical, which no
-# regulariser of the noise can see ("preference_sde" shows it).
-SETTINGS = {
-    "preference": Setting(steps=20, lr=0.03, gamma=10.0, eta=0.0),
-    "preference_sde": Setting(steps=20, lr=0.01, gamma=10.0, reward="preference"),
-    "brightness": Setting(steps=20, lr=0.01, gamma=10.0),
-    "jpeg_incompressibility": Setting(steps=12, lr=0.02, gamma=1000.0, mu=0.05, q=8, zo_q=8),
-}
 
 
 @dataclass
@@ -128,14 +105,7 @@ def case_noise(cases: Sequence[Tuple[int, int]], device):
 
 def noise_probability(noise, eta: float = 1.0) -> List[float]:
     """The paper's P of each sample's optimisable noise (x_T and the steps that inject noise)."""
-    from dno import ProbabilityRegularizer, VP
-    from dno.noise import TrainableNoise
-    from dno.optimize import optimized_noises
-
-    sig = sampling_sigmas(SAMPLING_STEPS).tolist()
-    steps, with_x_T = optimized_noises(VP, sig, eta, len(sig) - 1)
-    flat = TrainableNoise(noise.detach().to("cpu"), steps, with_x_T).flat()
-    return ProbabilityRegularizer(gamma=1.0, k=1, permutations=0).terms(flat.detach()).probability.tolist()
+    return experiment_noise_probability(noise, sampling_sigmas(SAMPLING_STEPS), eta).tolist()
 
 
 def run_optimiser(models: Models, reward, cases, setting: Setting, method: str, precision: str = "fp32") -> MethodResult:

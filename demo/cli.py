@@ -4,7 +4,8 @@
 an example workflow on that checkpoint through a real ComfyUI server (``demo.comfy_run``). The
 flags they share mean the same in both (``--opt-steps`` = DNO updates, ``--steps`` = sampling
 steps); a flag that only one mode uses is refused in the other instead of being ignored.
-Imports nothing beyond the standard library, so ``--help`` and argument errors are instant.
+Imports nothing beyond the standard library (and ``demo.settings``, the run settings the help states),
+so ``--help`` and argument errors are instant.
 """
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-SHAPES_REWARDS = ("brightness", "darkness", "saturation", "contrast", "jpeg_incompressibility",
-                  "jpeg_compressibility")
-# the objects model (the default) also has the learned reward, scored against the prompt
-OBJECTS_REWARDS = ("preference",) + SHAPES_REWARDS
-MODELS = ("objects", "shapes")
+from demo.settings import (DEFAULT_REWARD, GUIDANCE_RANGE, MODELS, OBJECTS_REWARDS, SAMPLING_STEPS, SHAPES_REWARDS,
+                           default_text)
+
 OBJECTS_PROMPT = "a red circle"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")   # dno.precision.CHOICES, without importing torch
 SHAPES_SAMPLES = 8
-SHAPES_SAMPLING_STEPS = 10
+SHAPES_SAMPLING_STEPS = SAMPLING_STEPS
 SHAPES_THREADS = 2
 SHAPES_OUT = Path("outputs/demo")
 
@@ -65,17 +64,19 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     both = p.add_argument_group("both modes")
     both.add_argument("--reward", metavar="NAME",
-                      help="what DNO maximises: " + " | ".join(OBJECTS_REWARDS) + " (default preference, the "
-                           "learned reward; the shapes model has all but preference and defaults to brightness; with "
+                      help="what DNO maximises: " + " | ".join(OBJECTS_REWARDS) + f" (default "
+                           f"{DEFAULT_REWARD['objects']}, the learned reward; the shapes model has all but preference "
+                           f"and defaults to {DEFAULT_REWARD['shapes']}; with "
                            "--checkpoint a built-in reward of the workflow: brightness, darkness, saturation, "
                            "contrast; default: the workflow's)")
     both.add_argument("--opt-steps", type=int, metavar="N",
-                      help="DNO optimisation steps, i.e. updates of the noise, at least 1 (default 20, 12 for "
-                           "jpeg_incompressibility; with --checkpoint the workflow's 20)")
+                      help="DNO optimisation steps, i.e. updates of the noise, at least 1 (default "
+                           f"{default_text('steps')}; with --checkpoint the workflow's 20)")
     both.add_argument("--steps", type=int, metavar="N",
-                      help=f"sampling steps per image (default {SHAPES_SAMPLING_STEPS}; with --checkpoint the "
-                           "workflow's 50)")
-    both.add_argument("--lr", type=float, help="DNO learning rate (default 0.01, 0.02 for jpeg_incompressibility; "
+                      help=f"sampling steps per image (default {SHAPES_SAMPLING_STEPS}, the steps our models "
+                           "were trained and evaluated at: fewer give less typical images, and the run warns; "
+                           "with --checkpoint the workflow's 50)")
+    both.add_argument("--lr", type=float, help=f"DNO learning rate (default {default_text('lr')}; "
                                                "with --checkpoint the workflow's 0.01)")
     both.add_argument("--seed", type=int,
                       help="seed (default 0: the shapes samples use seeds SEED..SEED+samples-1; with "
@@ -97,10 +98,11 @@ def build_parser(prog: str = "python3 -m demo.run_dno") -> argparse.ArgumentPars
     shapes.add_argument("--model", choices=MODELS,
                         help="objects (default): class-conditional, with a prompt and CFG; shapes: unconditional")
     shapes.add_argument("--guidance", type=float, metavar="SCALE",
-                        help="classifier-free guidance scale of the objects model (default: the one it was "
-                             "evaluated at, 4)")
-    shapes.add_argument("--gamma", type=float, help="weight of the probability regulariser, 0 = off (default 10, 100 for "
-                                                        "jpeg_incompressibility)")
+                        help="classifier-free guidance scale of the objects model (default "
+                             f"{default_text('guidance', ('objects',))}, the scale its settings were tuned at; "
+                             f"the model was evaluated at {GUIDANCE_RANGE[0]:g} to {GUIDANCE_RANGE[1]:g})")
+    shapes.add_argument("--gamma", type=float, help="weight of the probability regulariser, 0 = off (default "
+                                                    f"{default_text('gamma')})")
     shapes.add_argument("--samples", type=int, metavar="N",
                         help=f"images optimised together, one per seed (default {SHAPES_SAMPLES})")
     # renamed: refuse it with the new names rather than guess

@@ -58,6 +58,8 @@ class RunSummary:
     denoiser_evaluations_per_image: float
     seconds: float
     stop_reason: str = ""
+    probability_before: Optional[torch.Tensor] = None   # (B,) the paper's noise probability P, ~1 = typical
+    probability_after: Optional[torch.Tensor] = None
 
 
 def seed_noise(seeds: Sequence[int], sampling_steps: int, device="cpu"):
@@ -66,6 +68,19 @@ def seed_noise(seeds: Sequence[int], sampling_steps: int, device="cpu"):
 
     parts = [DNONoise.from_seed((1,) + IMAGE_SHAPE, sampling_steps, seed=int(s), sde=True) for s in seeds]
     return DNONoise(torch.cat([p.x_T for p in parts]), torch.cat([p.steps for p in parts], dim=1)).to(device)
+
+
+def noise_probability(noise, sigmas: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """The paper's P of each sample's optimisable noise (x_T and the steps that inject noise):
+    the product of the regulariser's block mean and covariance bounds, ~1 for typical noise."""
+    from dno import ProbabilityRegularizer, VP
+    from dno.noise import TrainableNoise
+    from dno.optimize import optimized_noises
+
+    sig = [float(s) for s in sigmas]
+    steps, with_x_T = optimized_noises(VP, sig, eta, len(sig) - 1)
+    flat = TrainableNoise(noise.detach().to("cpu"), steps, with_x_T).flat()
+    return ProbabilityRegularizer(gamma=1.0, k=1, permutations=0).terms(flat.detach()).probability
 
 
 def dno_run(denoiser: torch.nn.Module, classifier: RealismClassifier, reward, seeds: Sequence[int],
@@ -98,6 +113,7 @@ def dno_run(denoiser: torch.nn.Module, classifier: RealismClassifier, reward, se
         if callback is not None:
             callback(info)
 
+    probability_before = noise_probability(noise, sigmas, eta)
     start = time.time()
     result = optimize(counting, sigmas, reward, decode, noise=noise, schedule=VP, eta=eta,
                       config=config, regularizer=regularizer, prompts=prompts, callback=on_step)
@@ -110,7 +126,8 @@ def dno_run(denoiser: torch.nn.Module, classifier: RealismClassifier, reward, se
         denoise_err_before=denoising_error(before, measuring), denoise_err_after=denoising_error(after, measuring),
         images_before=before.cpu(), images_after=after.cpu(), reward_curve=curve,
         denoiser_evaluations_per_image=counting.image_evaluations / len(seeds), seconds=seconds,
-        stop_reason=result.stop_reason)
+        stop_reason=result.stop_reason, probability_before=probability_before,
+        probability_after=noise_probability(result.noise, sigmas, eta))
 
 
 @torch.no_grad()

@@ -22,17 +22,16 @@ import torch
 
 from demo import cli
 from demo.experiment import RunSummary, dno_run, make_reward
+from demo.settings import DEFAULT_REWARD, GUIDANCE_RANGE, SAMPLING_STEPS, SHAPES_FALLBACK, SHAPES_SETTINGS, run_settings
 
-# Settings that the acceptance test checks (tests/test_demo_alignment.py). JPEG uses the hybrid
-# estimator, whose image-space estimate has norm 2 per sample as in the official code
-# (dno/gradients.py): about 9x the unnormalised estimate's 0.15-0.3 on this model, so its pull
-# on the noise is always clipped to norm 1 and gamma weighs the regulariser against that (gamma 10
-# before the normalisation, 100 now). Adam's step follows lr, not the gradient's scale.
-DEFAULTS = {
-    "brightness": dict(steps=20, lr=0.01, gamma=10.0, mu=0.01, q=8),
-    "jpeg_incompressibility": dict(steps=12, lr=0.02, gamma=100.0, mu=0.05, q=8),
-}
-FALLBACK = dict(steps=20, lr=0.01, gamma=10.0, mu=0.05, q=8)
+# The shapes model's settings (tests/test_demo_alignment.py reads them here); both models' live in
+# demo/settings.py, which --help states them from.
+DEFAULTS = SHAPES_SETTINGS
+FALLBACK = SHAPES_FALLBACK
+REALISM_TOLERANCE = 0.02    # a mean realism change smaller than this is reported as "held"
+# what a reward pays for beyond the data, for the verdict's explanation
+PAYS_FOR = {"preference": " (the learned reward: larger, more saturated objects than most of the data has)",
+            "brightness": " (brightness: lighter pixels than the data's)"}
 
 
 def save_grid(before: torch.Tensor, after: torch.Tensor, path: Path, scale: int = 4) -> None:
@@ -63,14 +62,81 @@ def save_curve(curve: List[List[float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def describe(summary: RunSummary) -> str:
-    def mean(t):
-        return float(t.float().mean())
+def mean(t) -> float:
+    return float(t.float().mean())
 
+
+def describe(summary: RunSummary) -> str:
+    probability = ""
+    if summary.probability_before is not None and summary.probability_after is not None:
+        probability = f"noise P {mean(summary.probability_before):.2f} -> {mean(summary.probability_after):.2f}   "
     return (f"reward {mean(summary.reward_before):.3f} -> {mean(summary.reward_after):.3f}   "
             f"realism {mean(summary.realism_before):.3f} -> {mean(summary.realism_after):.3f}   "
+            f"{probability}"
             f"denoise err {mean(summary.denoise_err_before):.4f} -> {mean(summary.denoise_err_after):.4f}   "
             f"({summary.denoiser_evaluations_per_image:.0f} denoiser evals/image, {summary.seconds:.1f}s)")
+
+
+def setting_warnings(sampling_steps: int, guidance=None) -> List[str]:
+    """Settings outside what our models were trained and evaluated at (demo/settings.py)."""
+    warnings = []
+    if sampling_steps < SAMPLING_STEPS:
+        warnings.append(
+            f"warning: --steps {sampling_steps} is below the {SAMPLING_STEPS} sampling steps our models were trained "
+            f"and evaluated at (demo/weights/README.md): with fewer steps even the unoptimised samples are blurred "
+            f"and untypical (at 1 step the image is the model's mean guess from pure noise, realism near 0), so "
+            f"reward and realism below say little about DNO. Use --steps {SAMPLING_STEPS} or more.")
+    if guidance is not None and not GUIDANCE_RANGE[0] <= guidance <= GUIDANCE_RANGE[1]:
+        warnings.append(
+            f"warning: --guidance {guidance:g} is outside the scales the objects model was evaluated at "
+            f"({GUIDANCE_RANGE[0]:g} to {GUIDANCE_RANGE[1]:g}, demo/weights/README.md): its samples may not be "
+            f"typical images of the prompt even before DNO.")
+    return warnings
+
+
+def verdict(summary: RunSummary, gamma: float, reward: str = "", warnings: Sequence[str] = ()) -> List[str]:
+    """What the numbers mean, in words: did the reward rise, did the images stay typical."""
+    reward_before, reward_after = mean(summary.reward_before), mean(summary.reward_after)
+    before, after = mean(summary.realism_before), mean(summary.realism_after)
+    lines = []
+    if reward_after <= reward_before:
+        lines.append(f"The reward did not rise ({reward_before:.3f} -> {reward_after:.3f}).")
+    else:
+        lines.append(f"The reward rose: {reward_before:.3f} -> {reward_after:.3f}.")
+    probability, noise_typical = "", True
+    if summary.probability_after is not None:
+        noise_typical = mean(summary.probability_after) >= mean(summary.probability_before) - 0.1
+        probability = (f" (noise probability P {mean(summary.probability_before):.2f} -> "
+                       f"{mean(summary.probability_after):.2f}; ~1 = typical of N(0, I))")
+    if warnings:
+        lines.append(f"Realism {before:.3f} -> {after:.3f}{probability}: these settings are outside what the model "
+                     "was trained for (warning above), so the unoptimised samples are no yardstick and these "
+                     "numbers say little about DNO.")
+    elif after >= before - REALISM_TOLERANCE:
+        lines.append(f"Realism held: {before:.3f} -> {after:.3f}: the optimised images look as much like the "
+                     f"data as the unoptimised ones{probability}.")
+    else:
+        lower = int((summary.realism_after < summary.realism_before).sum())
+        lines.append(f"Realism FELL: {before:.3f} -> {after:.3f} ({lower} of {summary.realism_after.numel()} "
+                     f"images lower).")
+        pays_for = PAYS_FOR.get(reward, "")
+        if gamma > 0 and noise_typical:
+            lines.append(
+                "Why: DNO moves each image towards what the reward pays for, and the reward pays for some things "
+                f"the data does not show{pays_for}. The regulariser (gamma {gamma:g}) kept the optimised noise as "
+                f"typical as the start's{probability}; that limits the drift but does not rule it out, since it "
+                "bounds the noise, not the image. Without it the drift is usually much larger: compare --gamma 0 "
+                "on the same seeds. The held-out experiment (python3 -m demo.alignment, demo/README.md) measures "
+                "both against best-of-N.")
+        elif gamma > 0:
+            lines.append(
+                f"Why: the noise left the typical set{probability}: gamma {gamma:g} was too weak against this "
+                "reward's pull, and DNO reward-hacked. Raise --gamma (or lower --lr / --opt-steps).")
+        else:
+            lines.append(
+                f"Why: the regulariser is off (--gamma 0), so nothing keeps the noise typical{probability} and DNO "
+                "is free to reward-hack: the reward rises by making images unlike the data.")
+    return lines
 
 
 def main(argv: Sequence[str] = None) -> RunSummary:
@@ -79,7 +145,7 @@ def main(argv: Sequence[str] = None) -> RunSummary:
     if args.checkpoint is not None:
         raise SystemExit("demo.run_dno.main runs our own model; use entry() (the command line) for --checkpoint")
     objects = (args.model or "objects") == "objects"
-    args.reward = args.reward or ("preference" if objects else "brightness")
+    args.reward = args.reward or DEFAULT_REWARD["objects" if objects else "shapes"]
     torch.set_num_threads(args.threads or cli.SHAPES_THREADS)
     samples = args.samples or cli.SHAPES_SAMPLES
     sampling_steps = args.steps or cli.SHAPES_SAMPLING_STEPS
@@ -90,7 +156,7 @@ def main(argv: Sequence[str] = None) -> RunSummary:
 
     from dno.precision import module_dtype, resolve_precision
 
-    settings = dict(objects_settings(args.reward) if objects else DEFAULTS.get(args.reward, FALLBACK))
+    settings = run_settings("objects" if objects else "shapes", args.reward)
     for key, flag in (("gamma", "gamma"), ("steps", "opt_steps"), ("lr", "lr")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
@@ -102,8 +168,9 @@ def main(argv: Sequence[str] = None) -> RunSummary:
 
         prompt = args.prompt or cli.OBJECTS_PROMPT
         models = load_models()
-        # the experiment's scale for this reward (its settings were tuned there), else the model's own
-        guidance = args.guidance if args.guidance is not None else settings.pop("guidance", models.guidance)
+        # the experiment's scale for this reward (its settings were tuned there)
+        tuned = settings.pop("guidance")
+        guidance = args.guidance if args.guidance is not None else tuned
         what = f"the objects model, prompt {prompt!r}, guidance {guidance:g}"
         dtype = module_dtype(models.unet)
     else:
@@ -113,6 +180,9 @@ def main(argv: Sequence[str] = None) -> RunSummary:
         denoiser, classifier = load_denoiser(), load_classifier()
         what = "the shapes model"
         dtype = module_dtype(denoiser)
+    warnings = setting_warnings(sampling_steps, guidance if objects else None)
+    for line in warnings:
+        print(line, flush=True)
     resolved = resolve_precision(precision, "cpu", dtype)
     sampler = "ODE (x_T optimised)" if settings.get("eta", 1.0) == 0 else "ancestral"
     print(f"DNO on {what}: reward {args.reward}, {settings['steps']} DNO steps x {sampling_steps} "
@@ -144,18 +214,10 @@ def main(argv: Sequence[str] = None) -> RunSummary:
     data = "dataset ~0.87, model samples ~0.86" if objects else "dataset ~0.78, model samples ~0.6-0.7"
     print(f"realism = classifier probability of 'uncorrupted dataset image' ({data}); "
           "denoise err = the model's own x0 error on the image (lower = more in distribution)")
+    for line in verdict(summary, settings["gamma"], args.reward, warnings):
+        print(line)
     print(f"wrote {out / 'before_after.png'} (top: unoptimised, bottom: DNO) and {out / 'reward_curve.png'}")
     return summary
-
-
-def objects_settings(reward: str) -> dict:
-    """The objects model's settings for a reward: those of the experiment (demo.alignment)."""
-    from dataclasses import asdict
-
-    from demo.alignment import SETTINGS, Setting
-
-    setting = SETTINGS.get(reward, Setting(steps=20, lr=0.01, gamma=10.0, mu=0.05))
-    return {k: v for k, v in asdict(setting).items() if k in ("steps", "lr", "gamma", "mu", "q", "eta", "guidance")}
 
 
 def entry(argv: Sequence[str] = None) -> int:

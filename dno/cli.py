@@ -157,13 +157,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .errors import DNOError
+    # diffusers is imported lazily inside the run, after --out and its settings.json are written:
+    # check for it first, so a missing install writes nothing and says what to install
     try:
-        from .diffusers_host.batch import run_batch     # torch and diffusers from here on
+        from .diffusers_host.batch import require_diffusers, run_batch     # torch and diffusers from here on
+        require_diffusers()
     except ImportError as error:
-        print(f"python -m dno run needs diffusers: pip install -r requirements-diffusers.txt ({error})",
-              file=sys.stderr)
+        print("python -m dno run: error: it needs diffusers, which is not installed here "
+              f"({type(error).__name__}: {error}).\n"
+              "Install it with: pip install -r requirements-diffusers.txt", file=sys.stderr)
         return 2
+    from .errors import DNOError
     try:
         return run_batch(args)
     except DNOError as error:

@@ -8,11 +8,14 @@
   the optimised noise; the loop then backpropagates ``-<g, x_0>`` through the
   decoder and sampler. As in the official code, only its direction is kept:
   ``g`` has unit norm per sample in the [-1, 1] pixel space that code
-  normalises in, which is norm 2 in the [0, 1] images here (``HYBRID_NORM``).
-  So the reward's pull on the noise, and its balance with ``gamma`` times the
-  regulariser, does not depend on the reward's units, q or mu. (The official
-  code adds 1e-3 to the norm, a guard that is negligible at its scale; here an
-  estimate of zero, all perturbed rewards equal, stays zero.) Hybrid-2 (the
+  normalises in, which is norm 2 in the [0, 1] images here (``HYBRID_NORM``),
+  with the official code's guard added to the norm (1e-3 in its [-1, 1]
+  pixels, ``HYBRID_EPS`` = 5e-4 in the [0, 1] pixels here): an estimate far
+  above the guard gets norm 2, a tiny one (perturbed rewards that barely
+  differ) is scaled down instead of blown up, a zero one stays zero. So the
+  reward's pull on the noise, and its balance with ``gamma`` times the
+  regulariser, does not depend on the reward's units, q or mu (unless the
+  estimate is as small as the guard). Hybrid-2 (the
   variant of the official code) perturbs along directions the sampler can
   actually produce, so with few samples it is far better aligned than
   Hybrid-1, which perturbs the image itself in all its pixel dimensions.
@@ -41,6 +44,14 @@ from .noise import DNONoise, TrainableNoise
 # Per-sample norm of the hybrid estimate in [0, 1] pixels: unit norm in the [-1, 1] pixels of the
 # official code (x = 2 x01 - 1, so its <g, x> has gradient 2 g in x01).
 HYBRID_NORM = 2.0
+# The official guard, in the [0, 1] pixels here. The official code (dno_stable_diffusion_nograd.py)
+# sums e = sum_j (L_j - L_0)(x_j - x_0) over its renders (one worker process rendering all q: with
+# W workers it averages their sums), with x = 2 x01 - 1 in [-1, 1], and uses e / (|e| + 1e-3).
+# Here s = sum_j (r_j - r_0)(x01_j - x01_0), so e = -2 s and |e| = 2 |s|, and the official
+# direction is e / (2 |s| + 1e-3) = -s / (|s| + 5e-4). Its <e/(...), x> has gradient 2 e/(...) in
+# x01, so the estimate here is HYBRID_NORM * s / (|s| + HYBRID_EPS) with HYBRID_EPS = 1e-3 / 2:
+# norm 2 |s| / (|s| + 5e-4), just under 2 for any estimate well above 5e-4, towards 0 below it.
+HYBRID_EPS = 0.5e-3
 
 Render = Callable[[DNONoise], torch.Tensor]
 Score = Callable[[torch.Tensor], torch.Tensor]
@@ -89,7 +100,8 @@ def hybrid_gradient(render: Render, score: Score, params: TrainableNoise, image:
                     generator: torch.Generator = None,
                     share: Optional[EstimatorShare] = None) -> Tuple[torch.Tensor, int]:
     """Hybrid-2 estimate of the direction of d reward / d image for each sample (same shape as
-    ``image``), scaled to norm ``HYBRID_NORM`` per sample (see the module doc).
+    ``image``), scaled as the official code scales it: ``HYBRID_NORM * s / (|s| + HYBRID_EPS)``,
+    norm just under ``HYBRID_NORM`` per sample (see the module doc).
 
     Returns the estimate and the number of images rendered for it (by all processes of a ``share``).
     """
@@ -103,8 +115,8 @@ def hybrid_gradient(render: Render, score: Score, params: TrainableNoise, image:
     if share is not None:       # the sum over every process's renders, then normalised as one
         grad = share.reduce(grad)
     norm = grad.reshape(grad.shape[0], -1).norm(dim=1).view((-1,) + (1,) * (grad.dim() - 1))
-    # a zero estimate (no perturbation changed the reward) stays zero
-    return grad * (HYBRID_NORM / norm.clamp(min=torch.finfo(grad.dtype).tiny)), q * params.batch_size
+    # the official guard (HYBRID_EPS): a zero estimate (no perturbation changed the reward) stays zero
+    return grad * (HYBRID_NORM / (norm + HYBRID_EPS)), q * params.batch_size
 
 
 def zeroth_order_gradient(render: Render, score: Score, params: TrainableNoise,

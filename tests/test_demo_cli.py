@@ -106,6 +106,152 @@ def test_shapes_model_demo_runs_its_pixel_reward(tmp_path):
     assert (tmp_path / "before_after.png").stat().st_size > 1000
 
 
+# --------------------------------------------------------------------------- --help states what a run uses
+
+class _Captured(Exception):
+    """Raised by the stand-in for the run: the settings it was called with."""
+
+    def __init__(self, reward, seeds, settings):
+        super().__init__("captured")
+        self.reward, self.seeds, self.settings = reward, seeds, settings
+
+
+def stated_default(text: str, flag: str, model: str, reward: str) -> str:
+    """The default ``--help`` states for ``flag`` on ``model`` and ``reward``, e.g. from
+    "(default objects model: 0.03 for preference, 0.01 for the others; shapes model: ...; with
+    --checkpoint ...)" or "(default 12 for jpeg_incompressibility, 20 for the others, both models;"."""
+    m = re.search(r"\(default (.*?)(?:; with --checkpoint|\)$|, the scale)", help_of(text, flag))
+    assert m, f"{flag}: no default in {help_of(text, flag)!r}"
+    stated = m.group(1)
+    if "objects model:" in stated:
+        parts = dict(re.findall(r"(objects|shapes) model: (.*?)(?=; (?:objects|shapes) model:|$)", stated))
+        assert set(parts) == {"objects", "shapes"}, stated
+        stated = parts[model]
+    stated = stated.removesuffix(", both models")
+    groups, value = {}, None
+    for token in stated.split(", "):
+        m = re.fullmatch(r"(\S+) for (.+)", token)
+        if m:
+            value, token = m.groups()
+        elif value is None:          # one value for every reward
+            return token
+        groups[token] = value
+    return groups.get(reward, groups["the others"])
+
+
+@pytest.fixture(scope="module")
+def help_text():
+    done = demo("--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("model,reward", [("objects", r) for r in cli.OBJECTS_REWARDS]
+                         + [("shapes", r) for r in cli.SHAPES_REWARDS] + [("objects", None), ("shapes", None)])
+def test_help_states_the_defaults_the_run_uses(help_text, monkeypatch, tmp_path, model, reward):
+    """Issue 25: --help once said lr 0.01 and guidance 4 while the run used 0.03 and 3. Here the
+    run itself (demo.run_dno.main, stopped where it hands its settings to DNO) is compared with
+    what --help states for that model and reward."""
+    import demo.alignment
+    import demo.run_dno
+
+    def objects_run(models, reward_name, label, seeds, **kw):
+        raise _Captured(reward_name, seeds, kw)
+
+    def shapes_run(denoiser, classifier, reward_fn, seeds, **kw):
+        raise _Captured(reward_fn.name if hasattr(reward_fn, "name") else reward_fn, seeds, kw)
+
+    monkeypatch.setattr(demo.alignment, "dno_on_prompt", objects_run)
+    monkeypatch.setattr(demo.run_dno, "dno_run", shapes_run)
+    argv = ["--model", model, "--out", str(tmp_path)] + (["--reward", reward] if reward else [])
+    with pytest.raises(_Captured) as run:
+        demo.run_dno.main(argv)
+    used = run.value.settings
+    if reward is None:
+        # the default reward --help names for this model
+        default = re.search(r"\(default (\w+)", help_of(help_text, "--reward")).group(1) if model == "objects" \
+            else re.search(r"defaults to (\w+)", help_of(help_text, "--reward")).group(1)
+        assert run.value.reward == default
+        reward = default
+    if model == "objects":
+        assert run.value.reward == reward
+    for flag, key in (("--lr", "lr"), ("--gamma", "gamma"), ("--opt-steps", "steps")):
+        assert float(stated_default(help_text, flag, model, reward)) == used[key], (flag, used)
+    assert int(stated_default(help_text, "--steps", model, reward)) == used["sampling_steps"]
+    assert int(stated_default(help_text, "--samples", model, reward)) == len(run.value.seeds)
+    if model == "objects":
+        assert float(stated_default(help_text, "--guidance", model, reward)) == used["guidance"]
+    assert (tmp_path / "before_after.png").exists() is False
+
+
+# --------------------------------------------------------------------------- what the run's numbers mean
+
+def _summary(realism_before, realism_after, p_before=0.9, p_after=1.0, reward=(0.7, 0.9)):
+    import torch
+
+    from demo.experiment import RunSummary
+
+    n = len(realism_before)
+    t = torch.tensor
+    return RunSummary(reward_before=t([reward[0]] * n), reward_after=t([reward[1]] * n),
+                      realism_before=t(realism_before), realism_after=t(realism_after),
+                      denoise_err_before=t([0.003] * n), denoise_err_after=t([0.003] * n),
+                      images_before=torch.zeros(n, 3, 4, 4), images_after=torch.zeros(n, 3, 4, 4), reward_curve=[],
+                      denoiser_evaluations_per_image=10.0, seconds=1.0,
+                      probability_before=t([p_before] * n), probability_after=t([p_after] * n))
+
+
+def test_verdict_says_plainly_when_realism_fell_and_why():
+    from demo.run_dno import verdict
+
+    fell = " ".join(verdict(_summary([0.9, 0.5], [0.8, 0.3]), gamma=10.0, reward="preference"))
+    assert "The reward rose: 0.700 -> 0.900" in fell
+    assert "Realism FELL: 0.700 -> 0.550 (2 of 2 images lower)" in fell
+    assert "kept the optimised noise as typical as the start's (noise probability P 0.90 -> 1.00" in fell
+    assert "bounds the noise, not the image" in fell and "--gamma 0" in fell
+    held = " ".join(verdict(_summary([0.9, 0.5], [0.9, 0.49]), gamma=10.0))
+    assert "Realism held: 0.700 -> 0.695" in held and "FELL" not in held
+    off = " ".join(verdict(_summary([0.9, 0.5], [0.1, 0.2], p_after=0.4), gamma=0.0))
+    assert "Realism FELL" in off and "regulariser is off (--gamma 0)" in off and "P 0.90 -> 0.40" in off
+    weak = " ".join(verdict(_summary([0.9, 0.5], [0.1, 0.2], p_after=0.4), gamma=10.0))
+    assert "the noise left the typical set" in weak and "Raise --gamma" in weak
+    flat = " ".join(verdict(_summary([0.9], [0.9], reward=(0.7, 0.7)), gamma=10.0))
+    assert "The reward did not rise" in flat
+
+
+def test_demo_prints_realism_before_and_after_and_what_it_means(tmp_path):
+    done = demo("--opt-steps", "2", "--samples", "2", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "warning" not in out, out           # the default 10 sampling steps are what the model knows
+    m = re.search(r"realism (\d\.\d+) -> (\d\.\d+)   noise P (\d\.\d+) -> (\d\.\d+)", out)
+    assert m, out
+    before, after = float(m.group(1)), float(m.group(2))
+    if after >= before - 0.02:
+        assert f"Realism held: {before:.3f} -> {after:.3f}" in out, out
+    else:
+        assert f"Realism FELL: {before:.3f} -> {after:.3f}" in out and "Why:" in out, out
+
+
+def test_too_few_sampling_steps_warn_before_and_after_the_run(tmp_path):
+    """Issue 25: --steps 1 ended with realism 0.000 and no word about it."""
+    done = demo("--steps", "1", "--opt-steps", "1", "--samples", "2", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    warning = "warning: --steps 1 is below the 10 sampling steps our models were trained and evaluated at"
+    assert warning in out and out.index(warning) < out.index("DNO on the objects model"), out
+    assert "outside what the model was trained for (warning above)" in out
+    assert "Realism held" not in out and "Realism FELL" not in out, out
+
+
+def test_guidance_outside_the_evaluated_range_warns():
+    from demo.run_dno import setting_warnings
+
+    assert setting_warnings(10, 3.0) == [] and setting_warnings(10, None) == [] and setting_warnings(20, 1.0) == []
+    assert "--guidance 8 is outside the scales the objects model was evaluated at (1 to 4" in setting_warnings(10, 8.0)[0]
+    assert "--steps 9 is below the 10 sampling steps" in setting_warnings(9)[0]
+
+
 # --------------------------------------------------------------------------- the demo's own requirements
 
 def requirement_closure(names: list[str]) -> set[str]:

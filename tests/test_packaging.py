@@ -112,6 +112,23 @@ def test_dependencies_are_requirements_txt_plus_the_frontend(config):
     assert not any(Requirement(d).name == "torch" for d in config.project.dependencies)
 
 
+def requirement_lines(name: str) -> list[Requirement]:
+    return [Requirement(line) for line in (REPO / name).read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "-r"))]
+
+
+@pytest.mark.parametrize("name", ["requirements.txt", "requirements-demo.txt", "requirements-diffusers.txt"])
+def test_user_requirements_keep_the_users_torch(name):
+    """A user installs these inside ComfyUI's environment: a torch or torchvision pin (or upper
+    bound) would replace the torch ComfyUI runs on. Only requirements-test.txt pins them."""
+    for req in requirement_lines(name):
+        if req.name.lower() in ("torch", "torchvision"):
+            capped = [s for s in req.specifier if s.operator in ("==", "===", "~=", "<", "<=", "!=")]
+            assert not capped, f"{name}: {req} pins {req.name}; leave the user's {req.name} in place"
+    pinned = {r.name.lower(): r for r in requirement_lines("requirements-test.txt")}
+    assert any(s.operator == "==" for s in pinned["torch"].specifier), pinned["torch"]
+
+
 def test_every_tool_comfy_key_is_one_the_parser_reads(raw_toml):
     """pydantic ignores unknown keys: a misspelt one would vanish without an error."""
     assert set(raw_toml["tool"]["comfy"]) <= TOOL_COMFY_KEYS, set(raw_toml["tool"]["comfy"]) - TOOL_COMFY_KEYS

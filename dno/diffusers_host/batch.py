@@ -218,6 +218,12 @@ def check_split(args, reward, processes) -> None:
         args.estimator_batch = batch
 
 
+def require_diffusers() -> None:
+    """Raise ImportError now if diffusers is missing: the run imports it lazily, only once it has
+    created --out and written settings.json (``dno.cli`` calls this first)."""
+    import diffusers  # noqa: F401
+
+
 def run_batch(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     processes = distributed.from_environment(args.device)

@@ -8,7 +8,7 @@
 # generation (median of 3 after a warm-up), then DNO in the default mode (auto) and the
 # lowest-memory mode (blocks), 3 updates each (the middle one timed). Lines go to $OUT/results.jsonl.
 set -euo pipefail
-part=${1:?usage: bench/gpu_families.sh flux|dits|cards|tests}
+part=${1:?usage: bench/gpu_families.sh flux|dits|cards|more|tests}
 out=${OUT:-/tmp/dno-bench}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl-bench/*.whl
@@ -25,11 +25,13 @@ case "$part" in
   dits) bench 150 --model z-image --configs "$modes" --plain-repeats 3
         bench 160 --model sd35-large --configs bf16:auto@3 --plain-repeats 3
         bench 250 --model qwen-image --configs bf16:auto@3 --plain-repeats 3 ;;
-  cards) bench 100 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 12
-         bench 100 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 8
+  cards) bench 95 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 12
+         bench 95 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 8
+         bench 60 --model sd15 --configs bf16:auto@3 --plain-repeats 1 --card-gb 6
          bench 100 --model flux-schnell --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 16
-         bench 120 --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 24
-         bench 150 --model chroma --configs bf16:auto@3 --plain-repeats 3 ;;
+         bench 140 --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 24 ;;
+  more) bench 130 --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn
+        bench 150 --model chroma --configs bf16:auto@3 --plain-repeats 3 ;;
   tests) python3 -m pytest tests/test_dit_gradients.py -q -p no:cacheprovider 2>&1 | tee "$out/pytest-dit.txt" | tail -20
          exit "${PIPESTATUS[0]}" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;

@@ -29,8 +29,8 @@ case "$part" in
   cards) bench 110 --model flux-schnell --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 16
          bench 160 --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn --card-gb 24
          bench 230 --model sdxl --configs bf16:auto@3 --plain-repeats 1 --card-gb 12 ;;
-  more) bench 130 --model flux-dev --configs bf16:auto@3 --plain-repeats 1 --weight-dtype fp8_e4m3fn
-        bench 150 --model chroma --configs bf16:auto@3 --plain-repeats 3 ;;
+  more) bench 170 --model chroma --configs bf16:auto@3 --plain-repeats 3
+        bench 190 --model flux-kontext --configs bf16:auto@3 --plain-repeats 3 ;;
   tests) python3 -m pytest tests/test_dit_gradients.py -q -p no:cacheprovider 2>&1 | tee "$out/pytest-dit.txt" | tail -20
          exit "${PIPESTATUS[0]}" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;

@@ -37,11 +37,15 @@ JPEG_OBJECTIVES = {"compressibility (smaller files)": True, "incompressibility (
 
 
 def register_reward_folder() -> None:
-    if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[REWARD_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, REWARD_FOLDER)],
-            folder_paths.supported_pt_extensions,
-        )
+    """``models/dno_rewards`` through the host's own registration, first among the folders of that
+    type: a user's ``extra_model_paths.yaml`` entry (read before custom nodes load) stays after it.
+    A type made by ``add_model_folder_path`` has no extensions (every file would be listed): it
+    gets the host's weight-file extensions."""
+    default = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
+    folder_paths.add_model_folder_path(REWARD_FOLDER, default, is_default=True)
+    paths, extensions = folder_paths.folder_names_and_paths[REWARD_FOLDER]
+    if not extensions:
+        folder_paths.folder_names_and_paths[REWARD_FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
 
 
 register_reward_folder()

@@ -57,6 +57,25 @@ def test_importing_the_reward_nodes_registers_the_folder_and_exports_mappings(pa
         [str(pack[1] / "dno_rewards")], folder_paths.supported_pt_extensions)
 
 
+def test_a_users_extra_model_paths_entry_stays_beside_the_default_folder(pack, tmp_path):
+    """extra_model_paths.yaml is read before custom nodes load, through add_model_folder_path:
+    the user's folder stays listed, after models/dno_rewards, with weight-file extensions."""
+    import folder_paths
+
+    rewards, models = pack
+    saved = folder_paths.folder_names_and_paths.pop("dno_rewards")
+    try:
+        folder_paths.add_model_folder_path("dno_rewards", str(tmp_path))      # what the yaml loader does
+        rewards.register_reward_folder()
+        paths, extensions = folder_paths.folder_names_and_paths["dno_rewards"]
+        assert paths == [os.path.join(folder_paths.models_dir, "dno_rewards"), str(tmp_path)]
+        assert ".safetensors" in extensions and ".txt" not in extensions
+        rewards.register_reward_folder()                                       # a second load adds nothing
+        assert folder_paths.folder_names_and_paths["dno_rewards"][0] == paths
+    finally:
+        folder_paths.folder_names_and_paths["dno_rewards"] = saved
+
+
 def test_hps_node_scores_like_the_library_and_is_cached(pack):
     rewards, models = pack
     path, _ = fx.save_hps_file(str(models / "dno_rewards"))

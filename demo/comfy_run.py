@@ -122,11 +122,6 @@ class RunResult:
     seconds: float
 
 
-def options_from(argv: Optional[list[str]]) -> RunOptions:
-    """RunOptions from a command line (the demo's one parser, demo/cli.py; --checkpoint required)."""
-    return options_of(cli.parse(argv, prog="python3 -m demo.comfy_run", require_checkpoint=True))
-
-
 def options_of(ns) -> RunOptions:
     """RunOptions from parsed arguments; options left out keep RunOptions' defaults (None = the
     workflow's own value)."""

@@ -281,14 +281,6 @@ def load_unet(path: Path, what: str = "diffusion") -> Tuple[UNet, dict]:
     return unet.eval().requires_grad_(False), meta
 
 
-def load_guided(labels, guidance: float = None, path: Path = OBJECTS_WEIGHTS, device: str = "cpu") -> GuidedDenoiser:
-    """The committed conditional objects model for ``labels`` (fp16 on disk, fp32 in memory);
-    ``guidance`` defaults to the scale it was evaluated at (its metadata)."""
-    unet, meta = load_unet(path, "objects diffusion")
-    scale = float(meta.get("guidance", 3.0)) if guidance is None else float(guidance)
-    return GuidedDenoiser(unet, torch.as_tensor(labels), scale).to(device).eval().requires_grad_(False)
-
-
 def load_denoiser(path: Path = DIFFUSION_WEIGHTS, device: str = "cpu") -> ShapesDenoiser:
     """Load the committed shapes model (fp16 on disk, fp32 in memory)."""
     unet, _ = load_unet(path, "shapes diffusion")

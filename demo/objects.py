@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -34,14 +34,6 @@ CENTRE = (0.2, 0.8)
 SATURATION = (0.45, 1.0)
 VALUE = (0.55, 0.95)
 HUE_JITTER = 0.03
-
-
-def kind_of(label: int) -> int:
-    return int(label) // len(COLOURS)
-
-
-def colour_of(label: int) -> int:
-    return int(label) % len(COLOURS)
 
 
 @dataclass
@@ -144,7 +136,3 @@ def preference(batch: ObjectBatch, prompt_labels: torch.Tensor) -> torch.Tensor:
         + (batch.labels % len(COLOURS) == prompt_labels % len(COLOURS)).float()
     factor = torch.where(right == 2, 1.0, torch.where(right == 1, 0.4, 0.1))
     return factor * quality
-
-
-def prompts_of(labels: Sequence[int]) -> List[str]:
-    return [PROMPTS[int(k)] for k in labels]

@@ -26,8 +26,8 @@ from ..dno.residuals import functional_residuals
 from ..dno.layout import CONV_SHARE_FOR_CHANNELS_LAST, channels_last_weights, conv_weight_share
 from ..dno.precision import AUTO, resolve_precision
 from .history import history_json
-from .host import (clone_inference_tensors, control_modules, host_step_noises, make_autograd_ready,
-                   schedule_for, settle_compiled_model, uses_torch_compile, vae_decoder)
+from .host import (clone_inference_tensors, control_modules, host_step_noises, linear_weights_recast_in_backward,
+                   make_autograd_ready, schedule_for, settle_compiled_model, uses_torch_compile, vae_decoder)
 from .memory import (auto_budget_bytes, load_run_models, managed_rewards, plain_sampling_minimum,
                      reward_dtype, working_set_bytes)
 from .progress import RunReporter, WatchedDenoiser
@@ -125,6 +125,7 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 # (convolutions included, which autograd would otherwise keep regardless)
                 with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)), \
                         functional_residuals(model_modules(base_model, controls)), \
+                        linear_weights_recast_in_backward((base_model.diffusion_model, *controls)), \
                         channels_last_weights((base_model, *controls, s.vae.first_stage_model),
                                               enabled=channels_last_wanted(x_T.device, base_model.diffusion_model)):
                     if compiled:

@@ -9,10 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import contextlib
+import inspect
+from typing import Iterable, Iterator
+
 import torch
 import torch.utils.checkpoint
 
 import comfy.model_management
+import comfy.ops
 import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
@@ -20,6 +25,7 @@ from comfy.k_diffusion.sampling import default_noise_sampler
 
 from ..dno import DNOError, StopOptimization
 from ..dno.precision import autocast
+from ..dno.recast_linear import RecastLinear
 from ..dno.schedule import FLOW_RF, VP, NoiseSchedule, WrappedSchedule
 
 
@@ -243,3 +249,48 @@ def vae_decoder(vae, process_latent_out):
         return image
     decode.checkpoint_segments = decoder_blocks(vae.first_stage_model)
     return decode
+
+
+def _casts_for_a_call() -> bool:
+    """This host's ``cast_bias_weight`` takes a dtype and device without the input, and hands
+    back its offload stream (ComfyUI 0.3.6x and later)."""
+    try:
+        parameters = inspect.signature(comfy.ops.cast_bias_weight).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"dtype", "device", "offloadable"} <= set(parameters) and hasattr(comfy.ops, "uncast_bias_weight")
+
+
+def _recasting_forward(module: torch.nn.Linear, stock):
+    def forward(input, *args, **kwargs):
+        if (args or kwargs or type(input) is not torch.Tensor or torch.compiler.is_compiling()
+                or not (torch.is_grad_enabled() and input.requires_grad)):
+            return stock(input, *args, **kwargs)
+        dtype, device = input.dtype, input.device     # not the input itself: the backward keeps no input
+
+        def cast():
+            weight, bias, stream = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device, bias_dtype=dtype,
+                                                              offloadable=True)
+            return weight, bias, lambda: comfy.ops.uncast_bias_weight(module, weight, bias, stream)
+        return RecastLinear.apply(input, cast)
+    return forward
+
+
+@contextlib.contextmanager
+def linear_weights_recast_in_backward(roots: Iterable[torch.nn.Module]) -> Iterator[int]:
+    """While active, the host's Linear layers that make their weight per call (fp8 storage,
+    weights streamed by a partial load, LoRAs applied on the fly) cast it again in the backward
+    pass instead of keeping the copy (dno/recast_linear.py). Restored afterwards. Yields the count."""
+    patched = []
+    try:
+        if _casts_for_a_call():
+            for root in roots:
+                for module in root.modules():
+                    if (isinstance(module, torch.nn.Linear) and hasattr(module, "forward_comfy_cast_weights")
+                            and "forward_comfy_cast_weights" not in vars(module)):
+                        module.forward_comfy_cast_weights = _recasting_forward(module, module.forward_comfy_cast_weights)
+                        patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward_comfy_cast_weights

@@ -12,6 +12,8 @@ total memory once, at import). Two things make the emulation faithful:
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 GIB = 1 << 30
@@ -19,7 +21,7 @@ GIB = 1 << 30
 
 def emulate_card(gib: float, device: int = 0) -> dict:
     """Cap this process to ``gib`` GiB of GPU ``device`` and report that card to everyone who asks."""
-    if "comfy.model_management" in __import__("sys").modules:
+    if "comfy.model_management" in sys.modules:
         raise RuntimeError("emulate_card must run before comfy.model_management is imported")
     real_free, real_total = torch.cuda.mem_get_info(device)
     cap = int(gib * GIB)

@@ -22,9 +22,9 @@ import comfy.samplers
 
 from ..dno import DNOConfig, DNOError, DNONoise, DNOResult, ProbabilityRegularizer, StopOptimization, optimize
 from ..dno.frozen import noise_only_backward
-from ..dno.residuals import functional_residuals
 from ..dno.layout import CONV_SHARE_FOR_CHANNELS_LAST, channels_last_weights, conv_weight_share
 from ..dno.precision import AUTO, resolve_precision
+from ..dno.residuals import functional_residuals
 from .history import history_json
 from .host import (clone_inference_tensors, control_modules, host_step_noises, linear_weights_recast_in_backward,
                    make_autograd_ready, schedule_for, settle_compiled_model, uses_torch_compile, vae_decoder)
@@ -121,11 +121,11 @@ class DNOHostSampler(comfy.samplers.Sampler):
                 steps = host_step_noises(x_T, sig, extra_args.get("seed")) if s.eta > 0 else None
                 denoiser = WatchedDenoiser(reporter, model_wrap, sig, extra_args, x_T, latent, mask)
                 decode = vae_decoder(s.vae, base_model.process_latent_out)
+                modules = model_modules(base_model, controls)
                 # no weight gradients: half the backward FLOPs, none of the stored layer inputs
                 # (convolutions included, which autograd would otherwise keep regardless)
                 with noise_only_backward((base_model, *controls, s.vae.first_stage_model, s.reward)), \
-                        functional_residuals(model_modules(base_model, controls)), \
-                        linear_weights_recast_in_backward((base_model.diffusion_model, *controls)), \
+                        functional_residuals(modules), linear_weights_recast_in_backward(modules), \
                         channels_last_weights((base_model, *controls, s.vae.first_stage_model),
                                               enabled=channels_last_wanted(x_T.device, base_model.diffusion_model)):
                     if compiled:
@@ -202,7 +202,8 @@ class DNOHostSampler(comfy.samplers.Sampler):
 
 def model_modules(base_model, controls) -> list:
     """Every module of the diffusion model and its ControlNets: where host layers may add
-    residuals in place (ComfyUI's Flux blocks), which dno/residuals.py makes out-of-place."""
+    residuals in place (ComfyUI's Flux blocks, made out-of-place by dno/residuals.py) or cast
+    their weights per call (fp8, partial loads: cast again in backward, nodes/host.py)."""
     return [m for root in (base_model.diffusion_model, *controls) for m in root.modules()]
 
 

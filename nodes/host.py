@@ -6,19 +6,17 @@ the host's weights usable by autograd without damaging the host model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
-
 import contextlib
 import inspect
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.utils.checkpoint
 
 import comfy.model_management
-import comfy.ops
 import comfy.model_sampling
+import comfy.ops
 import comfy.sampler_helpers
 import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
@@ -277,19 +275,19 @@ def _recasting_forward(module: torch.nn.Linear, stock):
 
 
 @contextlib.contextmanager
-def linear_weights_recast_in_backward(roots: Iterable[torch.nn.Module]) -> Iterator[int]:
-    """While active, the host's Linear layers that make their weight per call (fp8 storage,
-    weights streamed by a partial load, LoRAs applied on the fly) cast it again in the backward
-    pass instead of keeping the copy (dno/recast_linear.py). Restored afterwards. Yields the count."""
+def linear_weights_recast_in_backward(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
+    """While active, those of ``modules`` that are the host's Linear layers making their weight per
+    call (fp8 storage, weights streamed by a partial load, LoRAs applied on the fly) cast it again
+    in the backward pass instead of keeping the copy (dno/recast_linear.py). Restored afterwards.
+    Yields the count."""
     patched = []
     try:
         if _casts_for_a_call():
-            for root in roots:
-                for module in root.modules():
-                    if (isinstance(module, torch.nn.Linear) and hasattr(module, "forward_comfy_cast_weights")
-                            and "forward_comfy_cast_weights" not in vars(module)):
-                        module.forward_comfy_cast_weights = _recasting_forward(module, module.forward_comfy_cast_weights)
-                        patched.append(module)
+            for module in modules:
+                if (isinstance(module, torch.nn.Linear) and hasattr(module, "forward_comfy_cast_weights")
+                        and "forward_comfy_cast_weights" not in vars(module)):
+                    module.forward_comfy_cast_weights = _recasting_forward(module, module.forward_comfy_cast_weights)
+                    patched.append(module)
         yield len(patched)
     finally:
         for module in patched:

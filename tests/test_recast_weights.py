@@ -63,7 +63,7 @@ def test_fp8_linear_weights_are_cast_again_not_kept(pack):
     weight_shapes = {tuple(m.weight.shape) for m in linears} | {tuple(m.weight.shape)[::-1] for m in linears}
     with residuals.functional_residuals(model.modules()):
         stock, grad_stock = saved_and_gradient(model, x, **inputs)
-        with host.linear_weights_recast_in_backward([model]) as switched:
+        with host.linear_weights_recast_in_backward(model.modules()) as switched:
             recast, grad = saved_and_gradient(model, x, **inputs)
     assert switched == len(linears)
     assert all("forward_comfy_cast_weights" not in vars(m) for m in linears)       # restored
